@@ -1,0 +1,33 @@
+"""Torch-free scheduling: the training-graph IR, the memory model and the planners.
+
+Pipeline inside this package::
+
+    Graph  --solve(graph, budget_bytes, method)-->  Schedule  --simulate-->  peak, time
+
+- :mod:`solvers.graph`: :class:`Graph`, :class:`Op`, :class:`Value`.
+- :mod:`solvers.schedule`: :class:`Schedule`, :class:`Step`, :func:`schedule_from_order`.
+- :mod:`solvers.simulate`: :func:`simulate` (the one memory/time model) and :func:`check`.
+- :mod:`solvers.greedy`: the no-remat schedule and the greedy planner.
+- :mod:`solvers.solve`: :func:`solve`, the dispatcher every caller uses.
+"""
+
+from .errors import BudgetInfeasible, format_bytes
+from .graph import Graph, GraphError, Op, Value
+from .schedule import Schedule, Step, schedule_from_order
+from .simulate import ScheduleError, SimulationResult, check, simulate
+
+__all__ = [
+    "BudgetInfeasible",
+    "Graph",
+    "GraphError",
+    "Op",
+    "Schedule",
+    "ScheduleError",
+    "SimulationResult",
+    "Step",
+    "Value",
+    "check",
+    "format_bytes",
+    "schedule_from_order",
+    "simulate",
+]
