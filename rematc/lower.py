@@ -1,0 +1,156 @@
+"""Lower AOTAutograd's joint forward+backward fx graph to the torch-free IR.
+
+The joint graph's placeholders are primals (parameters, buffers, inputs:
+resident values) and tangents (output gradients, handed to the backward from
+outside: ``is_input`` ops). Each call_function node is one op; its tensor
+outputs are values: the node itself for single outputs, its ``getitem`` users
+(or a synthetic value when nothing reads an output) for tuples.
+
+NOTE: [Aliasing from fake tensors] A value is a view when its FakeTensor shares
+storage with one of its producer's inputs. Fake tensors track storages exactly
+like real ones, so this catches ``view``, ``t``, ``expand``, ``_unsafe_view``,
+``split`` and friends without an op table, and the byte counts are storage
+bytes, so a storage is counted once.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from profiler.analytic import NodeCost
+from profiler.tensors import same_storage, storage_nbytes
+from solvers import Graph, Op, Value
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """The IR of a joint graph plus the maps back to fx nodes.
+
+    Attributes:
+        graph: the torch-free IR.
+        op_nodes: fx node of each op (a placeholder for tangent input ops).
+        value_nodes: for each value, the fx node carrying it, or None for a
+            tuple output no ``getitem`` reads (it lives and dies with its op).
+        num_fwd_outputs: how many of the joint outputs belong to the forward.
+    """
+
+    graph: Graph
+    op_nodes: tuple[fx.Node, ...]
+    value_nodes: tuple[fx.Node | None, ...]
+    num_fwd_outputs: int
+
+
+def is_tangent(node: fx.Node) -> bool:
+    return node.op == "placeholder" and node.name.startswith("tangents")
+
+
+def is_recomputable(node: fx.Node) -> bool:
+    """Whether running ``node`` again is safe and gives the same values.
+
+    Random ops (tag ``nondeterministic_seeded``: dropout, rand*, SDPA with
+    dropout), ops that mutate or have side effects, and anything that is not a
+    plain aten OpOverload (higher-order and custom ops we cannot vet) run once.
+    """
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.nondeterministic_seeded in target.tags:
+        return False
+    schema = target._schema
+    if schema.is_mutable:
+        return False
+    return target.namespace in ("aten", "prims")
+
+
+def _tensor_outputs(node: fx.Node) -> list[tuple[int | None, torch.Tensor]]:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return [(None, val)]
+    if isinstance(val, (tuple, list)):
+        return [(i, v) for i, v in enumerate(val) if isinstance(v, torch.Tensor)]
+    return []
+
+
+def lower_joint_graph(
+    joint: fx.GraphModule, num_fwd_outputs: int, costs: dict[str, NodeCost]
+) -> Lowered:
+    """Build the IR of ``joint`` with per-node ``costs`` (keyed by node name)."""
+    values: list[Value] = []
+    value_nodes: list[fx.Node | None] = []
+    ops: list[Op] = []
+    op_nodes: list[fx.Node] = []
+    value_of: dict[fx.Node, int] = {}
+    backward: set[fx.Node] = set()
+
+    def add_value(name: str, nbytes: int, producer: int | None, view_of: int | None, node: fx.Node | None) -> int:
+        values.append(Value(name, nbytes, producer, view_of))
+        value_nodes.append(node)
+        return len(values) - 1
+
+    for node in joint.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            nbytes = storage_nbytes(val) if isinstance(val, torch.Tensor) else 0
+            if is_tangent(node):
+                backward.add(node)
+                op_index = len(ops)
+                v = add_value(node.name, nbytes, op_index, None, node)
+                ops.append(Op(node.name, (), (v,), 0.0, 0, True, False, True))
+                op_nodes.append(node)
+                value_of[node] = v
+            elif isinstance(val, torch.Tensor):
+                value_of[node] = add_value(node.name, nbytes, None, None, node)
+            continue
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        inputs = [a for a in node.all_input_nodes if a in value_of]
+        if any(a in backward for a in node.all_input_nodes):
+            backward.add(node)
+            backward.update(node.users)  # its getitems
+        input_values = tuple(value_of[a] for a in inputs)
+        op_index = len(ops)
+        output_values: list[int] = []
+        getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+        for position, fake in _tensor_outputs(node):
+            carrier = node if position is None else getitems.get(position)
+            view_of = next(
+                (value_of[a] for a in inputs if same_storage(fake, a.meta["val"])), None
+            )
+            name = node.name if carrier is None and position is None else (
+                carrier.name if carrier is not None else f"{node.name}[{position}]"
+            )
+            v = add_value(name, storage_nbytes(fake), op_index, view_of, carrier)
+            output_values.append(v)
+            if carrier is not None:
+                value_of[carrier] = v
+        cost = costs.get(node.name, NodeCost(0.0, 0))
+        ops.append(
+            Op(
+                node.name,
+                input_values,
+                tuple(output_values),
+                cost.time_ms,
+                cost.workspace_bytes,
+                is_backward=node in backward,
+                recomputable=is_recomputable(node) and node not in backward,
+            )
+        )
+        op_nodes.append(node)
+
+    output_node = next(iter(joint.graph.find_nodes(op="output")))
+    outputs = list(output_node.args[0])
+    forward_outputs = tuple(
+        value_of[o] for o in outputs[:num_fwd_outputs] if isinstance(o, fx.Node) and o in value_of
+    )
+    gradients = tuple(
+        value_of[o] for o in outputs[num_fwd_outputs:] if isinstance(o, fx.Node) and o in value_of
+    )
+    # The caller holds the forward outputs (the loss, logits) until the backward
+    # is done, so they stay live to the end; gradients are handed to autograd.
+    required = tuple(dict.fromkeys((*forward_outputs, *gradients)))
+    graph = Graph(tuple(ops), tuple(values), forward_outputs, required)
+    return Lowered(graph, tuple(op_nodes), tuple(value_nodes), num_fwd_outputs)
