@@ -11,6 +11,8 @@ import torch.fx as fx
 
 import solvers
 from profiler.analytic import NodeCost, analytic_costs
+from profiler.cache import ProfileCache, default_cache_dir
+from profiler.measure import measure_costs
 from profiler.workspace import measure_workspace
 from solvers import BudgetInfeasible, Schedule, SimulationResult
 
@@ -19,6 +21,7 @@ from .capture import CompiledStep
 from .codegen import GeneratedModules, generate_modules
 from .errors import BudgetTooSmall, RematcError
 from .lower import Lowered, lower_joint_graph
+from .passes import make_dropout_outputs_recomputable
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,11 @@ class Rockmate(torch.nn.Module):
         loss_args: example extra arguments of ``loss_fn`` (e.g. targets); at
             call time pass them as ``module(x, loss_args=(y,))``.
         method: solver name from ``solvers.METHODS`` (``"auto"`` picks).
+        profile: ``"measure"`` times every distinct op on the real sample
+            (cached on disk per op signature and device); ``"analytic"``
+            estimates times from FLOPs and bytes (deterministic). Both measure
+            op workspace. Default: ``"measure"`` on CUDA, ``"analytic"`` on CPU
+            (CPU timings of small ops are noisy and the tests need determinism).
 
     Raises:
         BudgetTooSmall: the budget is below the smallest feasible peak, given
@@ -83,12 +91,13 @@ class Rockmate(torch.nn.Module):
         loss_fn: Callable[..., Any] | None = None,
         loss_args: tuple = (),
         method: str = "auto",
+        profile: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if method not in solvers.METHODS:
-            raise ValueError(f"method must be one of {sorted(solvers.METHODS)}, got {method!r}")
+        if method != "auto" and method not in solvers.METHODS:
+            raise ValueError(f"method must be 'auto' or one of {sorted(solvers.METHODS)}, got {method!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
         if not isinstance(loss_args, tuple):
@@ -96,11 +105,14 @@ class Rockmate(torch.nn.Module):
         self.model = model
         self.loss_fn = loss_fn
         self.method = method
+        if profile not in (None, "measure", "analytic"):
+            raise ValueError(f"profile must be 'measure', 'analytic' or None (device default), got {profile!r}")
         self._budget = parse_budget(budget)
         self._plan: Plan | None = None
         self._step = CompiledStep(model, loss_fn, self._plan_joint)
         args, kwargs = split_sample(sample)
         self._device_type = _device_type(model, args, kwargs)
+        self.profile = profile or ("measure" if self._device_type == "cuda" else "analytic")
         started = time.perf_counter()
         self._capture(args, kwargs, loss_args)
         self.plan_seconds = time.perf_counter() - started
@@ -131,9 +143,16 @@ class Rockmate(torch.nn.Module):
                 "(check that the model has trainable parameters and returns tensors)"
             )
 
-    def _plan_joint(self, joint: fx.GraphModule, num_fwd_outputs: int) -> tuple[fx.GraphModule, fx.GraphModule]:
+    def _plan_joint(
+        self, joint: fx.GraphModule, num_fwd_outputs: int, primals: list[Any]
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
         started = time.perf_counter()
-        costs = profile_costs(joint, self._device_type)
+        make_dropout_outputs_recomputable(joint)
+        if self.profile == "measure":
+            cache = ProfileCache(default_cache_dir() / "profiles.json")
+            costs = measure_costs(joint, primals, self._device_type, cache=cache)
+        else:
+            costs = profile_costs(joint, self._device_type)
         lowered = lower_joint_graph(joint, num_fwd_outputs, costs)
         profiled = time.perf_counter()
         graph = lowered.graph
@@ -187,12 +206,14 @@ class Rockmate(torch.nn.Module):
         return self.plan.baseline.peak_bytes
 
     @property
-    def predicted_step_ms(self) -> float:
-        return self.plan.predicted.time_ms
+    def predicted_step_seconds(self) -> float:
+        """Predicted time of one forward+backward under the plan (``solvers.simulate``)."""
+        return self.plan.predicted.time_ms / 1e3
 
     @property
-    def baseline_step_ms(self) -> float:
-        return self.plan.baseline.time_ms
+    def baseline_step_seconds(self) -> float:
+        """Predicted time of one forward+backward without rematerialization."""
+        return self.plan.baseline.time_ms / 1e3
 
     def extra_repr(self) -> str:
         if self._plan is None:

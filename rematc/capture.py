@@ -25,7 +25,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 
 from .errors import CaptureError, GraphBreakError
 
-PlanJoint = Callable[[fx.GraphModule, int], tuple[fx.GraphModule, fx.GraphModule]]
+PlanJoint = Callable[[fx.GraphModule, int, list[Any]], tuple[fx.GraphModule, fx.GraphModule]]
 
 
 def _make_step_function(model: torch.nn.Module, loss_fn: Callable[..., Any] | None) -> Callable[..., Any]:
@@ -71,7 +71,9 @@ class CompiledStep:
     def _backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         def partition(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int, **_: Any):
             self.compilations += 1
-            return self._plan_joint(joint, num_fwd_outputs)
+            # Dynamo's example inputs are the real tensors; they are the joint
+            # graph's primals, in order (the measured profiler runs on them).
+            return self._plan_joint(joint, num_fwd_outputs, example_inputs)
 
         try:
             return aot_module_simplified(

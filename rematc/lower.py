@@ -151,6 +151,10 @@ def lower_joint_graph(
     )
     # The caller holds the forward outputs (the loss, logits) until the backward
     # is done, so they stay live to the end; gradients are handed to autograd.
-    required = tuple(dict.fromkeys((*forward_outputs, *gradients)))
+    # NOTE: [Tangents are pinned] The autograd engine passes the output
+    # gradients to CompiledFunction.backward(ctx, *grads): that argument tuple
+    # holds them until the backward returns, whatever the graph frees.
+    tangents = tuple(op.outputs[0] for op in ops if op.is_input)
+    required = tuple(dict.fromkeys((*forward_outputs, *gradients, *tangents)))
     graph = Graph(tuple(ops), tuple(values), forward_outputs, required)
     return Lowered(graph, tuple(op_nodes), tuple(value_nodes), num_fwd_outputs)

@@ -15,9 +15,17 @@ from .errors import BudgetInfeasible, format_bytes
 from .graph import Graph, GraphError, Op, Value
 from .schedule import Schedule, Step, schedule_from_order
 from .simulate import ScheduleError, SimulationResult, check, simulate
+from .greedy import greedy_schedule, min_feasible_peak_greedy, no_remat_schedule
+from .solve import METHODS, min_feasible_peak, solve
 
 __all__ = [
+    "METHODS",
     "BudgetInfeasible",
+    "greedy_schedule",
+    "min_feasible_peak",
+    "min_feasible_peak_greedy",
+    "no_remat_schedule",
+    "solve",
     "Graph",
     "GraphError",
     "Op",
