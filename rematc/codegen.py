@@ -30,6 +30,33 @@ from solvers import Schedule
 from .lower import Lowered
 
 
+_BATCH_NORM_FUNCTIONAL = torch.ops.aten._native_batch_norm_legit_functional.default
+_BATCH_NORM_NO_STATS = torch.ops.aten._native_batch_norm_legit.no_stats
+
+
+def _recompute_batch_norm(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
+    """Recompute a training-mode BatchNorm without touching its running statistics.
+
+    NOTE: [BatchNorm recompute] The functional op reads the running-stat
+    buffers, which AOTAutograd's runtime overwrites with the updated values
+    right after the forward. A backward recompute reading them would see the
+    new values, and autograd rejects it (version counter). In training mode
+    the normalized output and the saved batch statistics do not depend on
+    the running statistics, so the stats-free overload computes them with
+    the same kernel; the updated statistics are forward outputs, kept anyway,
+    and the backward kernel ignores them in training mode.
+    """
+    x, weight, bias, _running_mean, _running_var, training, momentum, eps = node.args
+    assert training is True, "eval-mode BatchNorm is _native_batch_norm_legit_no_training"
+    new = graph.call_function(
+        _BATCH_NORM_NO_STATS, (env[x], env[weight] if weight is not None else None,
+                               env[bias] if bias is not None else None, True, momentum, eps)
+    )
+    new.meta = dict(node.meta)
+    new.meta["val"] = node.meta["val"][:3]
+    return new
+
+
 @dataclass(frozen=True)
 class GeneratedModules:
     """The forward and backward graph modules and the joint nodes saved between them."""
@@ -49,8 +76,9 @@ def saved_value_nodes(lowered: Lowered, schedule: Schedule) -> list[fx.Node]:
     saved: dict[int, None] = {}
     for index in schedule.computes("backward"):
         op = graph.ops[index]
+        skipped = _running_stat_values(lowered, index)
         for v in op.inputs:
-            if v in from_forward:
+            if v in from_forward and v not in skipped:
                 saved[v] = None
         from_forward.difference_update(op.outputs)  # later reads see the recomputed instance
     nodes = []
@@ -61,30 +89,54 @@ def saved_value_nodes(lowered: Lowered, schedule: Schedule) -> list[fx.Node]:
     return nodes
 
 
+def _running_stat_values(lowered: Lowered, op_index: int) -> set[int]:
+    """Values a backward recompute of BatchNorm does not read (NOTE: [BatchNorm recompute])."""
+    node = lowered.op_nodes[op_index]
+    if node.target is not _BATCH_NORM_FUNCTIONAL:
+        return set()
+    stats = {a for a in node.args[3:5] if isinstance(a, fx.Node)}
+    return {v for v, n in enumerate(lowered.value_nodes) if n in stats}
+
+
 def generate_modules(joint: fx.GraphModule, lowered: Lowered, schedule: Schedule) -> GeneratedModules:
     """Build the forward/backward GraphModules for ``schedule`` (AOTAutograd conventions)."""
     saved = saved_value_nodes(lowered, schedule)
-    requested = [n.name for n in saved]
+    requested = {n.name for n in saved}
     # AOTAutograd's own extraction fixes the calling convention (the order of
     # saved values, placeholders, output descriptors); we then rebuild both
-    # bodies in schedule order.
+    # bodies in schedule order. Its throwaway backward body follows the joint
+    # graph, so it may need values our backward does not read (the running
+    # statistics of a recomputed BatchNorm): pass them for the extraction,
+    # then drop them from both templates.
+    template_only = [n for n in _template_only_values(lowered, schedule) if n.name not in requested]
+    template_saved = [*saved, *template_only]
     fw_template, bw_template = _extract_fwd_bwd_modules(
-        joint, saved, [], num_fwd_outputs=lowered.num_fwd_outputs
+        joint, template_saved, [], num_fwd_outputs=lowered.num_fwd_outputs
     )
-    if sorted(n.name for n in saved) != sorted(requested):
-        raise AssertionError(
-            "AOTAutograd dropped saved values the schedule reads: "
-            f"{sorted(set(requested) - {n.name for n in saved})}"
-        )
-    forward = _rebuild(joint, fw_template, lowered, schedule.computes("forward"), "forward")
-    backward = _rebuild(joint, bw_template, lowered, schedule.computes("backward"), "backward")
+    missing = requested - {n.name for n in template_saved}
+    if missing:
+        raise AssertionError(f"AOTAutograd dropped saved values the schedule reads: {sorted(missing)}")
+    drop = {n.name for n in template_only}
+    forward = _rebuild(joint, fw_template, lowered, schedule.computes("forward"), "forward", drop)
+    backward = _rebuild(joint, bw_template, lowered, schedule.computes("backward"), "backward", drop)
     fw_ops = set(schedule.computes("forward"))
     recomputed = tuple(
         lowered.graph.ops[i].name
         for i in schedule.computes("backward")
         if not lowered.graph.ops[i].is_backward and i in fw_ops
     )
-    return GeneratedModules(forward, backward, tuple(n.name for n in saved), recomputed)
+    kept = tuple(n.name for n in template_saved if n.name not in drop)
+    return GeneratedModules(forward, backward, kept, recomputed)
+
+
+def _template_only_values(lowered: Lowered, schedule: Schedule) -> list[fx.Node]:
+    nodes: dict[fx.Node, None] = {}
+    for index in schedule.computes("backward"):
+        for v in sorted(_running_stat_values(lowered, index)):
+            node = lowered.value_nodes[v]
+            if node is not None:
+                nodes[node] = None
+    return list(nodes)
 
 
 def _rebuild(
@@ -93,21 +145,37 @@ def _rebuild(
     lowered: Lowered,
     op_order: tuple[int, ...],
     phase: str,
+    drop: set[str],
 ) -> fx.GraphModule:
-    """A graph with ``template``'s placeholders and output, and ``op_order`` as body."""
+    """A graph with ``template``'s placeholders and output, and ``op_order`` as body.
+
+    Saved values named in ``drop`` are removed from the forward's outputs and
+    the backward's placeholders.
+    """
     joint_nodes = {n.name: n for n in joint.graph.nodes}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for placeholder in template.graph.find_nodes(op="placeholder"):
+        if phase == "backward" and placeholder.name in drop:
+            continue
         new = graph.node_copy(placeholder)
         env[joint_nodes[placeholder.name]] = new
+    # Tensor constants (``get_attr``: ``torch.tensor(...)`` in the forward, as in
+    # Hugging Face GPT-2) are resident module attributes: each graph reads its own.
+    for index in op_order:
+        for arg in lowered.op_nodes[index].all_input_nodes:
+            if arg.op == "get_attr" and arg not in env:
+                env[arg] = graph.node_copy(arg)
     for index in op_order:
         node = lowered.op_nodes[index]
         if node.op == "placeholder":
             assert node in env, f"{phase}: input {node.name} is not a placeholder of the template"
             continue
         try:
-            new = graph.node_copy(node, lambda a: env[a])
+            if phase == "backward" and node.target is _BATCH_NORM_FUNCTIONAL:
+                new = _recompute_batch_norm(graph, node, env)
+            else:
+                new = graph.node_copy(node, lambda a: env[a])
         except KeyError as missing:
             raise AssertionError(
                 f"{phase}: {node.name} reads {missing.args[0]}, which the schedule has not computed"
@@ -115,10 +183,26 @@ def _rebuild(
         env[node] = new
         for user in node.users:
             if user.target is operator.getitem:
+                if new.target is _BATCH_NORM_NO_STATS and user.args[1] >= 3:
+                    # Updated running statistics: the backward kernel reads them only
+                    # in eval mode (it is ``Tensor?``); in training mode it uses the
+                    # saved batch statistics. See NOTE: [BatchNorm recompute].
+                    env[user] = None  # type: ignore[assignment]
+                    continue
                 env[user] = graph.node_copy(user, lambda a: env[a])
     template_output = next(iter(template.graph.find_nodes(op="output")))
     joint_by_template = {n: joint_nodes[n.name] for n in template.graph.nodes if n.name in joint_nodes}
-    graph.node_copy(template_output, lambda a: env[joint_by_template[a]])
+    output = graph.node_copy(template_output, lambda a: env[joint_by_template[a]])
+    if drop and phase == "forward":
+        outputs = list(output.args[0])
+        keep = [
+            i for i, a in enumerate(template_output.args[0])
+            if i < lowered.num_fwd_outputs or not (isinstance(a, fx.Node) and a.name in drop)
+        ]
+        output.args = (type(output.args[0])(outputs[i] for i in keep),)
+        desc = output.meta.get("desc")
+        if isinstance(desc, (list, tuple)) and len(desc) == len(outputs):
+            output.meta["desc"] = [desc[i] for i in keep]
     graph.set_codegen(torch.fx.graph._BoxedCodeGen())
     graph.lint()
     module = fx.GraphModule(joint, graph)

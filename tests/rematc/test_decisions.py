@@ -120,3 +120,28 @@ def test_demo_runs_and_stays_under_budget():
 def test_cli_usage_error_exits_2():
     result = subprocess.run([sys.executable, "-m", "rematc", "nope"], capture_output=True, text=True)
     assert result.returncode == 2
+
+
+def test_recomputed_batchnorm_leaves_running_stats_alone_and_matches_eager():
+    """Regression: a BatchNorm recomputed in the backward must not read the
+    running statistics AOTAutograd has already overwritten (version-counter
+    error), and the statistics must be updated exactly once per step."""
+    torch.manual_seed(0)
+    layers = []
+    for a, b in ((3, 16), (16, 32), (32, 32)):
+        layers += [torch.nn.Conv2d(a, b, 3, padding=1), torch.nn.BatchNorm2d(b), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    loss_fn = torch.nn.functional.cross_entropy
+    with pytest.raises(BudgetTooSmall) as info:
+        Rockmate(model, x, 1, loss_fn=loss_fn, loss_args=(y,))
+    rm = Rockmate(model, x, info.value.min_budget_bytes, loss_fn=loss_fn, loss_args=(y,))
+    assert any("batch_norm" in name for name in rm.plan.modules.recomputed_ops)
+    for _ in range(2):
+        rm(x, loss_args=(y,)).backward()
+        loss_fn(reference(x), y).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    for b, rb in zip(model.buffers(), reference.buffers()):
+        assert torch.equal(b, rb)  # running stats and num_batches_tracked: updated once per step
