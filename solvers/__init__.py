@@ -7,6 +7,7 @@ Pipeline inside this package::
 - :mod:`solvers.graph`: :class:`Graph`, :class:`Op`, :class:`Value`.
 - :mod:`solvers.schedule`: :class:`Schedule`, :class:`Step`, :func:`schedule_from_order`.
 - :mod:`solvers.simulate`: :func:`simulate` (the one memory/time model) and :func:`check`.
+- :mod:`solvers.recompute`: the schedule of a set of unsaved (recomputed) values.
 - :mod:`solvers.greedy`: the no-remat schedule and the greedy planner.
 - :mod:`solvers.solve`: :func:`solve`, the dispatcher every caller uses.
 """
@@ -16,11 +17,13 @@ from .graph import Graph, GraphError, Op, Value
 from .schedule import Schedule, Step, schedule_from_order
 from .simulate import ScheduleError, SimulationResult, check, simulate
 from .greedy import greedy_schedule, min_feasible_peak_greedy, no_remat_schedule
+from .recompute import build_remat_schedule
 from .solve import METHODS, min_feasible_peak, solve
 
 __all__ = [
     "METHODS",
     "BudgetInfeasible",
+    "build_remat_schedule",
     "greedy_schedule",
     "min_feasible_peak",
     "min_feasible_peak_greedy",

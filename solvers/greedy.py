@@ -1,408 +1,127 @@
-"""The no-remat schedule and the greedy rematerialization planner.
+"""The greedy rematerialization planner (and the no-remat schedule it starts from).
 
-Vocabulary. A forward value is *saved* when the forward phase computes it and
-the backward phase reads that same instance (it lives across the phase
-boundary). It is *unsaved* when the forward phase computes it but the backward
-recomputes it just in time instead. Values sharing one storage (a base and its
-views, see :meth:`Graph.storage_root`) form a *group*: unsaving only some
-members of a group frees nothing, so the greedy planner moves whole groups.
-
-- :func:`no_remat_schedule`: what autograd does (save everything the backward reads).
-- :func:`build_remat_schedule`: the schedule for a given set of unsaved values.
-- :func:`greedy_schedule`: unsave, one group at a time, the group with the best
-  peak reduction per millisecond of recomputation, until the peak fits.
+Values sharing one storage (a base and its views, see
+:meth:`Graph.storage_root`) form a *group*: unsaving only some members of a
+group frees nothing, so the planner moves whole groups. Starting from
+:func:`no_remat_schedule`, each iteration takes the groups alive at the peak
+step (the :data:`MAX_CANDIDATES` largest), simulates unsaving each, and
+unsaves the one with the best peak reduction per millisecond of added
+recomputation, until the peak fits the budget. See
+:mod:`solvers.recompute` for how a set of unsaved values becomes a schedule.
 
 Example:
     >>> from solvers import Graph, Op, Value, simulate
     >>> g = Graph(
     ...     ops=(Op("f", (0,), (1,), time_ms=1.0), Op("g", (1,), (2,), time_ms=1.0),
-    ...          Op("d_out", (), (3,), is_backward=True, recomputable=False, is_input=True),
-    ...          Op("g_bwd", (3, 1), (4,), time_ms=1.0, is_backward=True)),
-    ...     values=(Value("x", 0, None), Value("h", 100, 0), Value("y", 10, 1),
-    ...             Value("dy", 10, 2), Value("dh", 100, 3)),
-    ...     forward_outputs=(2,), required_at_end=(4,))
-    >>> no_remat_schedule(g), simulate(g, no_remat_schedule(g)).peak_bytes
-    (Schedule(C0 C1 | D2 C2 C3 D1 D3), 210)
-    >>> greedy_schedule(g, budget_bytes=200), simulate(g, greedy_schedule(g, 200)).peak_bytes
-    (Schedule(C0 C1 D1 | D2 C2 C0 C3 D1 D3), 210)
+    ...          Op("loss", (2,), (3,), time_ms=1.0),
+    ...          Op("d_loss", (), (4,), is_backward=True, recomputable=False, is_input=True),
+    ...          Op("loss_bwd", (4, 2), (5,), time_ms=1.0, is_backward=True),
+    ...          Op("g_bwd", (5, 1), (6,), time_ms=1.0, is_backward=True)),
+    ...     values=(Value("x", 0, None), Value("a", 100, 0), Value("b", 100, 1), Value("l", 10, 2),
+    ...             Value("dl", 10, 3), Value("db", 100, 4), Value("da", 100, 5)),
+    ...     forward_outputs=(3,), required_at_end=(6,))
+    >>> simulate(g, no_remat_schedule(g)).peak_bytes
+    310
+    >>> s = greedy_schedule(g, budget_bytes=300)  # recompute a instead of keeping it
+    >>> s, simulate(g, s).peak_bytes
+    (Schedule(C0 C1 D1 C2 | D3 C3 C4 D2 D4 C0 C5 D1 D5), 300)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 
 from .errors import BudgetInfeasible
 from .graph import Graph
-from .schedule import Schedule, schedule_from_order
+from .recompute import OrderProfile, RematContext, build_remat_schedule, no_remat_schedule, remat_context
+from .schedule import Schedule
 from .simulate import simulate
 
-#: Candidate groups judged per greedy iteration: the largest ones live at the peak.
+# The schedule builders are re-exported: callers find every planner entry point here.
+__all__ = ["MAX_CANDIDATES", "build_remat_schedule", "greedy_schedule", "min_feasible_peak_greedy",
+           "no_remat_schedule"]
+
+#: Candidate groups judged per greedy iteration: the largest ones alive at the peak step.
 MAX_CANDIDATES = 64
 
-_STRUCTURE_KEY = "solvers.greedy.structure"
 _RUN_KEY = "solvers.greedy.run"
 
 
 @dataclass(frozen=True, slots=True)
-class _Structure:
-    """Facts about a graph that every schedule built here shares.
-
-    Attributes:
-        forward_phase: ops of the forward phase (ancestors of the forward outputs), graph order.
-        skeleton: ops the backward phase runs exactly once, in order: the input
-            ops, then the backward ops and the forward ops that must run once
-            but that nothing reads (non-recomputable dead ops), in graph order.
-            Recomputations are inserted just before the skeleton op that needs them.
-        live_at_backward_start: 1 per value the backward may read without
-            recomputing it (see [Live at backward start]).
-        groups: storage root -> the forward-phase values on that storage, for
-            the storages the planner may unsave (every member recomputable,
-            none required at the end, the storage not resident).
-    """
-
-    forward_phase: tuple[int, ...]
-    skeleton: tuple[int, ...]
-    live_at_backward_start: bytes
-    groups: dict[int, tuple[int, ...]]
-
-
-def _structure(graph: Graph) -> _Structure:
-    cached = graph._cache.get(_STRUCTURE_KEY)
-    if cached is not None:
-        return cached
-    ops, values = graph.ops, graph.values
-    in_forward = _closure_of_producers(graph, graph.forward_outputs, lambda p: True)
-    forward_phase = tuple(sorted(in_forward))
-    # Forward ops outside the forward phase that something downstream reads; the others
-    # are dead, and only the non-recomputable ones among them must still run (once).
-    backward_reads = [v for op in ops if op.is_backward for v in op.inputs]
-    needed = _closure_of_producers(
-        graph, [*backward_reads, *graph.required_at_end],
-        lambda p: not ops[p].is_backward and p not in in_forward,
-    )
-    inputs = [i for i, op in enumerate(ops) if op.is_input]
-    rest = [
-        i for i, op in enumerate(ops)
-        if not op.is_input and i not in in_forward
-        and (op.is_backward or (not op.recomputable and i not in needed))
-    ]
-    # NOTE: [Live at backward start] exactly what the no-remat plan keeps across the
-    # phase boundary (forward-phase values read outside the forward phase, forward
-    # outputs), the residents, and the values of non-recomputable forward ops (never
-    # recomputed, so kept longer when a recompute reads them). Not every forward-phase
-    # value: a Linear output that only its ReLU reads is freed during the forward, and
-    # a recompute of the ReLU must recompute it too, not silently save it instead.
-    live = bytearray(len(values))
-    for v, value in enumerate(values):
-        p = value.producer
-        live[v] = p is None or (p in in_forward and not ops[p].recomputable)
-    for i, op in enumerate(ops):
-        if i not in in_forward:
-            for v in op.inputs:
-                if values[v].producer in in_forward:
-                    live[v] = 1
-    for v in graph.forward_outputs:
-        live[v] = 1
-    members: dict[int, list[int]] = {}
-    for p in forward_phase:
-        for v in ops[p].outputs:
-            members.setdefault(graph.storage_root(v), []).append(v)
-    required = set(graph.required_at_end)
-    groups = {
-        root: tuple(vs) for root, vs in sorted(members.items())
-        if graph.allocated_bytes(root) > 0
-        and all(ops[values[v].producer].recomputable and v not in required for v in vs)  # type: ignore[index]
-    }
-    structure = _Structure(forward_phase, (*inputs, *rest), bytes(live), groups)
-    graph._cache[_STRUCTURE_KEY] = structure
-    return structure
-
-
-def _closure_of_producers(graph: Graph, start: Iterable[int], follow: Callable[[int], bool]) -> set[int]:
-    """Ops producing ``start`` values, and their producers' producers, while ``follow(op)``."""
-    values, ops = graph.values, graph.ops
-    seen: set[int] = set()
-    stack = [values[v].producer for v in start]
-    while stack:
-        p = stack.pop()
-        if p is None or p in seen or not follow(p):
-            continue
-        seen.add(p)
-        stack.extend(values[v].producer for v in ops[p].inputs)
-    return seen
-
-
-def _backward_order(graph: Graph, structure: _Structure, unsaved: Iterable[int]) -> list[int]:
-    """Backward compute order: the skeleton, each op preceded by recomputes of what it lacks.
-
-    ``unsaved`` must hold only forward-phase values of recomputable ops. A value
-    computed in the backward stays usable until its last use (the caller's
-    :func:`schedule_from_order` frees it then), so no op is recomputed twice.
-    """
-    ops, values = graph.ops, graph.values
-    live = bytearray(structure.live_at_backward_start)
-    for v in unsaved:
-        live[v] = 0
-    order: list[int] = []
-    done = set(structure.forward_phase)  # ops that ran already
-
-    def run(op_index: int) -> None:
-        order.append(op_index)
-        done.add(op_index)
-        for v in ops[op_index].outputs:
-            live[v] = 1
-
-    def materialize(missing: list[int]) -> None:
-        todo: set[int] = set()
-        stack = missing
-        while stack:
-            p = values[stack.pop()].producer
-            if p not in todo:
-                # Only first runs of ops outside the forward phase reach here when not
-                # recomputable: forward-phase ones are live (see [Live at backward start]).
-                assert ops[p].recomputable or p not in done, f"op {p} would run twice"  # type: ignore[index]
-                todo.add(p)  # type: ignore[arg-type]
-                stack.extend(x for x in ops[p].inputs if not live[x])  # type: ignore[index]
-        # NOTE: graph order is a topological order, so sorting is enough to respect
-        # dependencies, and it keeps the relative order of recomputes stable when
-        # the unsaved set grows (the greedy bound relies on that).
-        for p in sorted(todo):
-            run(p)
-
-    for o in structure.skeleton:
-        missing = [v for v in ops[o].inputs if not live[v]]
-        if missing:
-            materialize(missing)
-        run(o)
-    missing = [v for v in graph.required_at_end if not live[v]]
-    if missing:
-        materialize(missing)
-    return order
-
-
-def build_remat_schedule(graph: Graph, unsaved_values: Iterable[int]) -> Schedule:
-    """The schedule that recomputes ``unsaved_values`` in the backward instead of saving them.
-
-    Forward phase: the ops the forward outputs depend on, in graph order.
-    Backward phase: the input ops, then the backward ops in graph order; before
-    each, every input that is not live is recomputed just in time, its own
-    missing inputs first (in graph order), and stays live until its last use.
-    Forward ops outside the forward phase (a weight transpose only the
-    backward reads) run once, just before first use. Values of
-    non-recomputable ops are always saved, even if listed.
-
-    Args:
-        graph: the training graph.
-        unsaved_values: forward values (indices) to recompute rather than save.
-
-    Raises:
-        ValueError: an entry of ``unsaved_values`` is not a value made by a forward op.
-
-    Example:
-        >>> build_remat_schedule(mlp, [1])                           # doctest: +SKIP
-        Schedule(C0 C1 D1 C2 | ... C0 C5 ...)
-    """
-    structure = _structure(graph)
-    unsaved = []
-    for v in unsaved_values:
-        if not (isinstance(v, int) and 0 <= v < len(graph.values)):
-            raise ValueError(f"unsaved_values must hold value indices, got {v!r}")
-        p = graph.values[v].producer
-        if p is None or graph.ops[p].is_backward:
-            raise ValueError(
-                f"unsaved_values must hold values made by forward ops; "
-                f"value {v} ({graph.values[v].name}) is {'resident' if p is None else 'a backward value'}"
-            )
-        if graph.ops[p].recomputable:
-            unsaved.append(v)
-    return schedule_from_order(graph, structure.forward_phase, _backward_order(graph, structure, unsaved))
-
-
-def no_remat_schedule(graph: Graph) -> Schedule:
-    """Autograd's schedule: every forward value the backward reads is saved.
-
-    Same as AOTAutograd's default partitioner: the forward phase computes what
-    the forward outputs need; forward ops that only the backward needs run in
-    the backward, once, just before first use.
-    """
-    return build_remat_schedule(graph, ())
-
-
-@dataclass(frozen=True, slots=True)
-class _Profile:
-    """:func:`simulate`'s numbers for a compute order, plus what the greedy bound needs.
-
-    Positions index the compute order (forward then backward). A storage counts
-    at positions ``lo..hi`` inclusive (allocated at ``lo``, freed after ``hi``).
-    """
-
-    peak_bytes: int
-    time_ms: float
-    peak_position: int
-    order: list[int]  # the compute order
-    n_forward: int
-    held_bytes: np.ndarray  # bytes held while running the step at each position
-    prefix_max: np.ndarray  # max bytes held while running any step at positions <= i
-    suffix_max: np.ndarray  # ... at positions >= i
-    value_lo: list[int]  # per value: hull of the storages of all its instances (-1: none)
-    value_hi: list[int]
-    forward_storage: list[int]  # per value: storage of its first instance (-1: none or resident)
-    storage_lo: list[int]
-    storage_hi: list[int]
-    first_backward_read: list[int]  # per value: first backward read of its forward instance (n: none)
-    forward_free: list[int]  # per forward-phase value: its last position were it unsaved (-1: other)
-    recompute_position: dict[int, int]  # forward op run in the backward -> its position
-
-
-def _profile(graph: Graph, forward: tuple[int, ...], backward: list[int]) -> _Profile:
-    """Simulate ``schedule_from_order(graph, forward, backward)`` without building it.
-
-    Same rules as :func:`simulate` on that schedule (tests hold them equal);
-    about three times faster, which the greedy search needs. Assumes each op
-    runs at most once in the forward phase.
-    """
-    ops, values = graph.ops, graph.values
-    order = [*forward, *backward]
-    n, n_forward, n_values = len(order), len(forward), len(values)
-    # Pass 1: last read of every instance (an instance = one computation of a value).
-    current = [-1] * n_values
-    instance_value: list[int] = []
-    instance_last: list[int] = []
-    first_backward_read = [n] * n_values  # per value: first read of its first instance in the backward
-    forward_last: list[int] = []  # instance made by the forward -> its last read there
-    for pos, o in enumerate(order):
-        if pos == n_forward:
-            forward_last = instance_last[:]
-        op = ops[o]
-        for v in op.inputs:
-            i = current[v]
-            if i >= 0:
-                if instance_last[i] < n_forward <= pos and first_backward_read[v] == n:
-                    first_backward_read[v] = pos
-                instance_last[i] = pos
-        for v in op.outputs:
-            current[v] = len(instance_value)
-            instance_value.append(v)
-            instance_last.append(pos)
-    if n == n_forward:
-        forward_last = instance_last[:]
-    keep, forward_outputs = set(graph.required_at_end), set(graph.forward_outputs)
-    free_after: list[list[int]] = [[] for _ in range(n)]
-    first_instance = [-1] * n_values
-    forward_free = [-1] * n_values  # per forward-phase value: where it would be freed if unsaved
-    for i, v in enumerate(instance_value):
-        last = instance_last[i]
-        if first_instance[v] < 0:
-            first_instance[v] = i
-            if i < len(forward_last):
-                forward_free[v] = n_forward - 1 if v in forward_outputs else forward_last[i]
-        if v in keep and current[v] == i:
-            continue
-        if last < n_forward and v in forward_outputs:
-            last = n_forward - 1  # forward outputs live until the phase ends
-        free_after[last].append(i)
-    # Pass 2: storages, bytes held at each step.
-    instance_storage = [-1] * len(instance_value)
-    storage_bytes: list[int] = []
-    storage_refs: list[int] = []
-    storage_lo: list[int] = []
-    storage_hi: list[int] = []
-    current = [-1] * n_values
-    during = [0] * n
-    live = peak = 0
-    peak_position = -1
-    time_ms = 0.0
-    instance = 0
-    recompute_position: dict[int, int] = {}
-    for pos, o in enumerate(order):
-        op = ops[o]
-        new_bytes = 0
-        for v in op.outputs:
-            base = values[v].view_of
-            if base is None:
-                sid = len(storage_bytes)
-                storage_bytes.append(values[v].bytes)
-                storage_refs.append(1)
-                storage_lo.append(pos)
-                storage_hi.append(n - 1)
-                new_bytes += values[v].bytes
-            else:
-                sid = instance_storage[current[base]] if current[base] >= 0 else -1
-                if sid >= 0:
-                    storage_refs[sid] += 1
-            instance_storage[instance] = sid
-            current[v] = instance
-            instance += 1
-        held = live + new_bytes + op.workspace_bytes
-        during[pos] = held
-        if held > peak:
-            peak, peak_position = held, pos
-        live += new_bytes
-        time_ms += op.time_ms
-        if pos >= n_forward and not op.is_backward:
-            recompute_position[o] = pos
-        for i in free_after[pos]:
-            sid = instance_storage[i]
-            if sid >= 0:
-                storage_refs[sid] -= 1
-                if not storage_refs[sid]:
-                    live -= storage_bytes[sid]
-                    storage_hi[sid] = pos
-    value_lo, value_hi = [-1] * n_values, [-1] * n_values
-    for i, v in enumerate(instance_value):
-        sid = instance_storage[i]
-        if sid >= 0:
-            lo, hi = storage_lo[sid], storage_hi[sid]
-            value_lo[v] = lo if value_lo[v] < 0 else min(value_lo[v], lo)
-            value_hi[v] = max(value_hi[v], hi)
-    forward_storage = [instance_storage[i] if i >= 0 else -1 for i in first_instance]
-    held_bytes = np.array(during, dtype=np.int64)
-    return _Profile(
-        peak, time_ms, peak_position, order, n_forward, held_bytes,
-        np.maximum.accumulate(held_bytes), np.maximum.accumulate(held_bytes[::-1])[::-1],
-        value_lo, value_hi, forward_storage, storage_lo, storage_hi, first_backward_read, forward_free,
-        recompute_position,
-    )
-
-
-@dataclass(frozen=True, slots=True)
 class _Candidate:
-    root: int
-    unsaved: frozenset[int]
-    added_ms: float
-    ratio_bound: float  # upper bound on (peak reduction) / added_ms
+    root: int  # storage root of the group
+    unsaved: frozenset[int]  # the unsaved set once the group joins it
+    added_ms: float  # recomputation time the group adds (exact)
+    ratio_bound: float  # upper bound on (peak reduction) / added_ms; < 0: cannot lower the peak
 
 
-def _ratio(reduction_bytes: int, added_ms: float) -> float:
+def _ratio(reduction_bytes: float, added_ms: float) -> float:
     if reduction_bytes <= 0:
         return -1.0
     return reduction_bytes / added_ms if added_ms > 0 else float("inf")
 
 
-class _GreedyRun:
-    """The greedy trajectory of one graph: schedules of strictly decreasing peak.
+class _State:
+    """One point of the trajectory: an unsaved set, its profile, and what the bound reads."""
 
-    State ``k`` unsaves the groups accepted in the first ``k`` iterations. The
+    def __init__(self, context: RematContext, unsaved: frozenset[int], profile: OrderProfile) -> None:
+        self.unsaved = unsaved
+        self.profile = profile
+        held = profile.held_bytes
+        self.prefix_max = np.maximum.accumulate(held)
+        self.suffix_max = np.maximum.accumulate(held[::-1])[::-1]
+        n_values, n_forward = len(context.live), len(context.forward_phase)
+        # Per value: the hull of the lifetimes of the storages of all its instances (-1: none).
+        instance_value = np.array(profile.instance_value, dtype=np.int64)
+        storage = np.array(profile.instance_storage, dtype=np.int64)
+        has_storage = storage >= 0
+        lo = np.array(profile.storage_lo, dtype=np.int64)[storage[has_storage]]
+        hi = np.array(profile.storage_hi, dtype=np.int64)[storage[has_storage]]
+        value_lo = np.full(n_values, len(held), dtype=np.int64)
+        value_hi = np.full(n_values, -1, dtype=np.int64)
+        np.minimum.at(value_lo, instance_value[has_storage], lo)
+        np.maximum.at(value_hi, instance_value[has_storage], hi)
+        self.value_lo: list[int] = value_lo.tolist()
+        self.value_hi: list[int] = value_hi.tolist()
+        # (value, last read) of the instances that die in the backward.
+        self.instance_ends = {(v, last) for v, last in zip(profile.instance_value, profile.instance_last)
+                              if last >= n_forward}
+
+
+class _GreedyRun:
+    """The greedy trajectory of one graph: states of strictly decreasing peak.
+
+    State ``k`` unsaves the groups accepted by the first ``k`` iterations. The
     trajectory does not depend on the budget (the budget only says where to
-    stop), so one run, extended on demand and cached on the graph, answers
-    every budget and :func:`min_feasible_peak_greedy`.
+    stop), so one run, extended on demand and kept on the graph, answers every
+    budget and :func:`min_feasible_peak_greedy`.
     """
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
-        self.structure = _structure(graph)
+        self.context = context = remat_context(graph)
+        ops, values = graph.ops, graph.values
+        members: dict[int, list[int]] = {}
+        for p in context.forward_phase:
+            for v in ops[p].outputs:
+                members.setdefault(graph.storage_root(v), []).append(v)
+        required = set(graph.required_at_end)
+        # Groups the planner may unsave: every member recomputable, none required at the
+        # end (kept anyway), the storage not resident (a view of a parameter frees nothing).
+        self.groups = {
+            root: tuple(vs) for root, vs in sorted(members.items())
+            if graph.allocated_bytes(root) > 0
+            and all(ops[values[v].producer].recomputable and v not in required for v in vs)  # type: ignore[index]
+        }
+        unsaved: frozenset[int] = frozenset()
+        profile = context.simulate(context.backward_order(unsaved))
+        assert profile is not None
+        self.state = _State(context, unsaved, profile)
         self.accepted: list[tuple[int, ...]] = []  # values unsaved by each iteration
-        self.unsaved: frozenset[int] = frozenset()
-        self.profile = self._evaluate(self.unsaved)
-        self.peaks_bytes = [self.profile.peak_bytes]
+        self.peaks_bytes = [profile.peak_bytes]
         self.exhausted = False
-
-    def _evaluate(self, unsaved: frozenset[int]) -> _Profile:
-        backward = _backward_order(self.graph, self.structure, unsaved)
-        return _profile(self.graph, self.structure.forward_phase, backward)
 
     def first_state_within(self, budget_bytes: int) -> int | None:
         """The first state whose peak is <= ``budget_bytes``; None if greedy cannot get there."""
@@ -416,52 +135,84 @@ class _GreedyRun:
     def unsaved_at(self, state: int) -> list[int]:
         return sorted(v for group in self.accepted[:state] for v in group)
 
+    def _advance(self) -> bool:
+        """Unsave the best group; False (and exhausted) when no group lowers the peak."""
+        if self.exhausted:
+            return False
+        peak_bytes = self.state.profile.peak_bytes
+        candidates = sorted(self._candidates(), key=lambda c: (-c.ratio_bound, c.root))
+        best: tuple[float, int] | None = None
+        best_profile: OrderProfile | None = None
+        best_candidate: _Candidate | None = None
+        for candidate in candidates:
+            # Branch and bound: this one (and all later ones) cannot beat the best so far.
+            if best is not None and (candidate.ratio_bound, -candidate.root) < best:
+                break
+            # The peak it must reach to tie with the best (slack for float rounding).
+            need = 1.0 if best is None or candidate.added_ms == 0 else best[0] * candidate.added_ms
+            backward = self.context.backward_order(candidate.unsaved)
+            profile = self.context.simulate(backward, give_up_above=peak_bytes - need * (1 - 1e-9))
+            if profile is None:
+                continue
+            key = (_ratio(peak_bytes - profile.peak_bytes, candidate.added_ms), -candidate.root)
+            if key[0] >= 0 and (best is None or key > best):
+                best, best_candidate, best_profile = key, candidate, profile
+        if best_profile is None or best_candidate is None:
+            self.exhausted = True
+            return False
+        self.accepted.append(tuple(sorted(best_candidate.unsaved - self.state.unsaved)))
+        self.state = _State(self.context, best_candidate.unsaved, best_profile)
+        self.peaks_bytes.append(best_profile.peak_bytes)
+        return True
+
     def _candidates(self) -> list[_Candidate]:
-        """Groups with a saved member whose storage is live at the peak, with ratio bounds."""
-        prof, groups = self.profile, self.structure.groups
-        at_peak, n = prof.peak_position, len(prof.prefix_max)
-        live_groups = []
-        for root, members in groups.items():
-            sid = prof.forward_storage[root]
+        """Groups with a saved member whose storage is alive at the peak step, with ratio bounds."""
+        prof, context = self.state.profile, self.context
+        at_peak = prof.peak_position
+        alive = []
+        for root, members in self.groups.items():
+            sid = context.forward_storage[root]
             if (sid >= 0 and prof.storage_lo[sid] <= at_peak <= prof.storage_hi[sid]
-                    and any(prof.first_backward_read[v] < n for v in members)):
-                live_groups.append(root)
-        live_groups.sort(key=lambda r: (-self.graph.allocated_bytes(r), r))
+                    and any(v in prof.first_backward_read for v in members)):
+                alive.append(root)
+        alive.sort(key=lambda r: (-self.graph.allocated_bytes(r), r))
         candidates = []
-        for root in live_groups[:MAX_CANDIDATES]:
+        for root in alive[:MAX_CANDIDATES]:
             candidate = self._bound(root)
             if candidate.ratio_bound >= 0:
                 candidates.append(candidate)
         return candidates
 
     def _bound(self, root: int) -> _Candidate:
-        """Exact added time and an upper bound on the peak ratio of unsaving ``root``'s group.
+        """Exact added time and an upper bound on the ratio of unsaving ``root``'s group.
 
         NOTE: [Greedy bound] Let a member's *first read* be the first backward
-        step reading its forward instance. Before it nothing changes except that
-        the group's storage is freed after its last forward use; from it on the
-        storage is back (recomputed just in time) and lives at least as long as
-        before. The ops recomputed for a member (``needed_at``: its producer and
-        the missing inputs that need recomputing, except ops recomputed before
-        that first read) can also shorten the saved siblings of their outputs
-        (the old instance dies at the recompute) and, for ops recomputed later
-        today, their inputs (read earlier). Every other lifetime only grows, two
-        of them certainly: a saved input of a new recompute lives until the
-        recompute's batch at least, and the output of a recompute that moves
-        earlier lives from the member's first read on. So each surviving step
-        of the current schedule holds at least its current bytes minus the
-        shortened storages plus the certain growth; the maximum of that bounds
-        the new peak from below, and the peak drops by at most the bytes of the
-        shortened storages.
+        step reading its forward instance. Unsaving the group changes nothing
+        before the batch of recomputes in front of that step, except that the
+        group's storage is gone from its last forward use on; from the first
+        read on it is back and lives at least as long as before. The ops
+        recomputed for the group (``needed_at``: the members' producers and the
+        missing inputs they need, except ops recomputed before) may also shorten
+        a saved sibling of their outputs (its old instance dies at the
+        recompute) and, for ops recomputed later today that now move earlier,
+        the inputs they read last (not before their new batch). All other
+        lifetimes only grow, and two surely do: a saved input of a new recompute
+        lives until the recompute's batch, and a recomputed output of a moved op
+        lives from its new position on. So every surviving step holds at least
+        its current bytes, minus the shortened storages where they may be gone,
+        plus the sure growth: the largest of those bounds the new peak from
+        below, and the peak drops by at most the shortened storages' bytes.
+        Tests compare the choices with exhaustive simulation.
         """
-        graph, prof, live = self.graph, self.profile, self.structure.live_at_backward_start
-        ops, values = graph.ops, graph.values
-        members = self.structure.groups[root]
-        unsaved = self.unsaved.union(members)
-        n, recomputed = len(prof.order), prof.recompute_position
+        graph, state, context = self.graph, self.state, self.context
+        prof, live, ops, values = state.profile, context.live, graph.ops, graph.values
+        members = self.groups[root]
+        unsaved = state.unsaved.union(members)
+        n, recomputed = len(prof.held_bytes), prof.recompute_position
         needed_at: dict[int, int] = {}  # op to recompute -> first read that needs it
-        for first_read, v in sorted((prof.first_backward_read[v], v) for v in members):
-            stack = [values[v].producer] if first_read < n else []
+        for first_read, v in sorted((prof.first_backward_read[v], v) for v in members
+                                    if v in prof.first_backward_read):
+            stack = [values[v].producer]
             while stack:
                 p = stack.pop()
                 if p in needed_at or recomputed.get(p, first_read) < first_read:  # type: ignore[arg-type]
@@ -470,85 +221,84 @@ class _GreedyRun:
                 stack.extend(values[x].producer for x in ops[p].inputs  # type: ignore[index]
                              if not live[x] or x in unsaved)
         added_ms = sum(ops[p].time_ms for p in sorted(needed_at) if p not in recomputed)
+        if not needed_at:
+            return _Candidate(root, unsaved, added_ms, -1.0)
         first_read = min(needed_at.values())
-        # Shortened lifetimes: (first, last position, bytes).
-        shrink = [(max(prof.forward_free[v] for v in members) + 1, first_read - 1,
-                   graph.allocated_bytes(root))]
-        roots, others, moved = {root}, [], []
-        for p in needed_at:
-            others.extend(v for v in ops[p].outputs if live[v] and v not in unsaved)
+        # Shortened lifetimes: storage root -> hull of the positions where it may now be gone.
+        shortened = {root: (max(context.forward_free[v] for v in members) + 1, first_read - 1)}
+        moved = []
+
+        def shorten(v: int, first: int, last: int) -> None:
+            r = graph.storage_root(v)
+            if state.value_hi[v] >= 0 and first <= last and graph.allocated_bytes(r) > 0:
+                a, b = shortened.get(r, (first, last))
+                shortened[r] = (min(a, first), max(b, last))
+
+        for p, read_at in needed_at.items():
+            # A saved sibling's old instance dies at the recompute (before read_at), unless
+            # it was dead before the batch of recomputes anyway.
+            for v in ops[p].outputs:
+                if live[v] and v not in unsaved and state.value_hi[v] >= self._batch_start(read_at):
+                    shorten(v, state.value_lo[v], min(state.value_hi[v], read_at - 1))
             if p in recomputed:
+                # Moved earlier: an input it read last may die earlier, but not before the batch.
                 t = recomputed[p]
                 moved.append(t)
-                others.extend(x for x in ops[p].inputs
-                              if prof.value_hi[x] == t or values[x].producer in recomputed)
-        for v in others:
-            r = graph.storage_root(v)
-            if prof.value_lo[v] >= 0 and r not in roots:
-                roots.add(r)
-                shrink.append((prof.value_lo[v], prof.value_hi[v], graph.allocated_bytes(r)))
-        shrink = [(a, b, size) for a, b, size in shrink if a <= b and size > 0]
+                for x in ops[p].inputs:
+                    if (x, t) in state.instance_ends:
+                        shorten(x, self._batch_start(read_at), t)
+        shrink = [(a, b, graph.allocated_bytes(r)) for r, (a, b) in shortened.items() if a <= b]
         if not shrink:
             return _Candidate(root, unsaved, added_ms, -1.0)
-        grow = []
-        extended: dict[int, int] = {}  # storage root -> end of its growth so far
-        for p, read_at in sorted(needed_at.items(), key=lambda item: -item[1]):
-            if p in recomputed:
-                t = recomputed[p]
-                for v in ops[p].outputs:
-                    if (not live[v] or v in unsaved) and values[v].view_of is None and v not in roots \
-                            and prof.value_hi[v] > t:  # a dead output dies at once, wherever it runs
-                        grow.append((read_at, t - 1, graph.allocated_bytes(v)))
-                continue
-            batch_start = read_at
-            while batch_start > prof.n_forward and not ops[prof.order[batch_start - 1]].is_backward:
-                batch_start -= 1
-            for x in ops[p].inputs:
-                sid, r = prof.forward_storage[x], graph.storage_root(x)
-                if (sid >= 0 and live[x] and x not in unsaved and values[x].producer not in recomputed
-                        and r not in roots and extended.get(r, -1) < batch_start):
-                    extended[r] = batch_start
-                    grow.append((prof.storage_hi[sid] + 1, batch_start - 1, graph.allocated_bytes(r)))
-        lo = min(a for a, _, _ in (*shrink, *grow))
-        hi = max(b for _, b, _ in (*shrink, *grow))
-        lo, hi = min([lo, *moved]), max([hi, *moved])
+        roots = set(shortened)
+        grow = self._certain_growth(needed_at, unsaved, roots)
+        lo = min([a for a, _, _ in (*shrink, *grow)] + moved)
+        hi = max([b for _, b, _ in (*shrink, *grow)] + moved)
         held = prof.held_bytes[lo:hi + 1].copy()
         for a, b, size in shrink:
             held[a - lo:b - lo + 1] -= size
         for a, b, size in grow:
-            a, b = max(a, lo), min(b, hi)
-            if a <= b:
-                held[a - lo:b - lo + 1] += size
+            held[a - lo:b - lo + 1] += size
         for t in moved:
             held[t - lo] = 0  # that step moves: its current bytes say nothing
-        floor = max(int(held.max()), prof.prefix_max[lo - 1] if lo > 0 else 0,
-                    prof.suffix_max[hi + 1] if hi + 1 < n else 0)
+        floor = max(int(held.max()), state.prefix_max[lo - 1] if lo > 0 else 0,
+                    state.suffix_max[hi + 1] if hi + 1 < n else 0)
         reduction_bound = min(prof.peak_bytes - floor, sum(size for _, _, size in shrink))
         return _Candidate(root, unsaved, added_ms, _ratio(reduction_bound, added_ms))
 
-    def _advance(self) -> bool:
-        """Unsave the best group; False (and exhausted) when no group lowers the peak."""
-        if self.exhausted:
-            return False
-        candidates = sorted(self._candidates(), key=lambda c: (-c.ratio_bound, c.root))
-        best: tuple[float, int] | None = None
-        best_state: tuple[_Candidate, _Profile] | None = None
-        for candidate in candidates:
-            # Branch and bound: later candidates cannot beat the best exact ratio.
-            if best is not None and (candidate.ratio_bound, -candidate.root) < best:
-                break
-            profile = self._evaluate(candidate.unsaved)
-            key = (_ratio(self.profile.peak_bytes - profile.peak_bytes, candidate.added_ms), -candidate.root)
-            if key[0] >= 0 and (best is None or key > best):
-                best, best_state = key, (candidate, profile)
-        if best_state is None:
-            self.exhausted = True
-            return False
-        candidate, self.profile = best_state
-        self.accepted.append(tuple(sorted(candidate.unsaved - self.unsaved)))
-        self.unsaved = candidate.unsaved
-        self.peaks_bytes.append(self.profile.peak_bytes)
-        return True
+    def _batch_start(self, position: int) -> int:
+        """First position of the batch of recomputes just before the step at ``position``."""
+        prof, ops, n_forward = self.state.profile, self.graph.ops, len(self.context.forward_phase)
+        while position > n_forward and not ops[prof.backward[position - 1 - n_forward]].is_backward:
+            position -= 1
+        return position
+
+    def _certain_growth(self, needed_at: dict[int, int], unsaved: frozenset[int],
+                        roots: set[int]) -> list[tuple[int, int, int]]:
+        """Lifetimes that surely grow (see NOTE [Greedy bound]), each storage counted once."""
+        graph, state, context = self.graph, self.state, self.context
+        prof, live, ops, values = state.profile, context.live, graph.ops, graph.values
+        recomputed = prof.recompute_position
+        grow: list[tuple[int, int, int]] = []
+        seen = set(roots)
+        for p, read_at in sorted(needed_at.items(), key=lambda item: (-item[1], item[0])):
+            if p in recomputed:
+                t = recomputed[p]
+                for v in ops[p].outputs:
+                    # A dead output dies at once, wherever it runs.
+                    if ((not live[v] or v in unsaved) and values[v].view_of is None and v not in seen
+                            and state.value_hi[v] > t):
+                        seen.add(v)
+                        grow.append((read_at, t - 1, graph.allocated_bytes(v)))
+                continue
+            batch_start = self._batch_start(read_at)
+            for x in ops[p].inputs:
+                sid, r = context.forward_storage[x], graph.storage_root(x)
+                if (sid >= 0 and live[x] and x not in unsaved and values[x].producer not in recomputed
+                        and r not in seen):
+                    seen.add(r)
+                    grow.append((prof.storage_hi[sid] + 1, batch_start - 1, graph.allocated_bytes(r)))
+        return [(a, b, size) for a, b, size in grow if a <= b]
 
 
 def _greedy_run(graph: Graph) -> _GreedyRun:
@@ -564,9 +314,13 @@ def greedy_schedule(graph: Graph, budget_bytes: int) -> Schedule:
     """Unsave groups greedily until the simulated peak is <= ``budget_bytes``.
 
     Each iteration judges the (at most :data:`MAX_CANDIDATES` largest) groups
-    live at the current peak step by their exact simulated peak reduction per
+    alive at the current peak step by their exact simulated peak reduction per
     millisecond of added recomputation, and unsaves the best (no added time
-    ranks first; ties go to the lowest storage root index).
+    ranks first; ties go to the lowest storage root index). A cheap upper
+    bound on each ratio (NOTE [Greedy bound]) skips simulating candidates that
+    cannot win, so the choice is the one simulating them all would make. The
+    trajectory is kept on the graph (NOTE [Greedy cache]): asking again, with
+    any budget, only simulates what was not simulated yet.
 
     Raises:
         BudgetInfeasible: no group lowers the peak any further while it is
@@ -579,7 +333,7 @@ def greedy_schedule(graph: Graph, budget_bytes: int) -> Schedule:
     schedule = build_remat_schedule(graph, run.unsaved_at(state))
     peak_bytes = simulate(graph, schedule).peak_bytes
     assert peak_bytes == run.peaks_bytes[state], (
-        f"greedy's fast profile ({run.peaks_bytes[state]} B) disagrees with simulate ({peak_bytes} B)"
+        f"greedy's fast simulation ({run.peaks_bytes[state]} B) disagrees with simulate ({peak_bytes} B)"
     )
     return schedule
 
