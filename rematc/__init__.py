@@ -17,8 +17,11 @@ Use :class:`Rockmate`::
 
 from .api import Rockmate
 from .budget import parse_budget
-from .errors import BudgetTooSmall, CaptureError, GraphBreakError, RematcError
+from .errors import BudgetTooSmall, CaptureError, GraphBreakError, RematcError, RematcWarning, ScheduleFileError
 
 __version__ = "0.1.0"
 
-__all__ = ["BudgetTooSmall", "CaptureError", "GraphBreakError", "RematcError", "Rockmate", "parse_budget"]
+__all__ = [
+    "BudgetTooSmall", "CaptureError", "GraphBreakError", "RematcError", "RematcWarning", "Rockmate",
+    "ScheduleFileError", "parse_budget",
+]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -11,7 +14,7 @@ import torch.fx as fx
 
 import solvers
 from profiler.analytic import NodeCost, analytic_costs
-from profiler.cache import ProfileCache, default_cache_dir
+from profiler.cache import ProfileCache, default_cache_dir, device_name
 from profiler.measure import measure_costs
 from profiler.workspace import measure_workspace
 from solvers import BudgetInfeasible, Schedule, SimulationResult
@@ -20,8 +23,14 @@ from .budget import parse_budget
 from .capture import CompiledStep
 from .codegen import GeneratedModules, generate_modules
 from .errors import BudgetTooSmall, RematcError
+from .explain import Explanation, explain_plan
 from .lower import Lowered, lower_joint_graph
 from .passes import make_dropout_outputs_recomputable
+from .graph_hash import graph_hash
+from .schedule_cache import PlanKey, ScheduleSource, budget_key, make_schedule_file
+from .schedule_file import ScheduleFile, write_schedule_file
+
+_log = logging.getLogger("rematc")
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,8 @@ class Plan:
     modules: GeneratedModules
     solve_seconds: float
     profile_seconds: float
+    graph_hash: str = ""
+    cache_hit: bool = False  # reused from a schedule file or the cache: nothing was profiled or solved
 
 
 class Rockmate(torch.nn.Module):
@@ -70,10 +81,22 @@ class Rockmate(torch.nn.Module):
             estimates times from FLOPs and bytes (deterministic). Both measure
             op workspace. Default: ``"measure"`` on CUDA, ``"analytic"`` on CPU
             (CPU timings of small ops are noisy and the tests need determinism).
+        cache: look for the plan in the schedule cache first and store new
+            plans there (keyed by graph hash, budget, device kind, method and
+            profiler mode). A hit skips profiling and solving; a bad entry
+            warns (``RematcWarning``) and rematc plans again.
+        cache_dir: the cache root (schedules go under ``schedules/``, measured
+            profiles in ``profiles.json``); default ``$REMATC_CACHE_DIR`` or
+            ``~/.cache/rematc``.
+        schedule: a schedule file (from ``save_schedule`` or ``rematc plan``)
+            to use instead of planning; ``budget`` may then be None (the
+            file's budget).
 
     Raises:
         BudgetTooSmall: the budget is below the smallest feasible peak, given
             as ``err.min_budget_bytes``.
+        ScheduleFileError: ``schedule`` is corrupt, of an unknown format
+            version, for another graph, or does not fit the budget.
         ValueError: ``budget`` or another argument is malformed.
 
     Example:
@@ -86,12 +109,15 @@ class Rockmate(torch.nn.Module):
         self,
         model: torch.nn.Module,
         sample: Any,
-        budget: int | float | str,
+        budget: int | float | str | None,
         *,
         loss_fn: Callable[..., Any] | None = None,
         loss_args: tuple = (),
         method: str = "auto",
         profile: str | None = None,
+        cache: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        schedule: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, torch.nn.Module):
@@ -107,7 +133,12 @@ class Rockmate(torch.nn.Module):
         self.method = method
         if profile not in (None, "measure", "analytic"):
             raise ValueError(f"profile must be 'measure', 'analytic' or None (device default), got {profile!r}")
-        self._budget = parse_budget(budget)
+        if not isinstance(cache, bool):
+            raise TypeError(f"cache must be a bool, got {type(cache).__name__}")
+        # With a schedule file and no budget, the file's own budget applies.
+        self._budget = None if budget is None and schedule is not None else parse_budget(budget)
+        self._cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._schedules = ScheduleSource(self._cache_root if cache else None, schedule)
         self._plan: Plan | None = None
         self._step = CompiledStep(model, loss_fn, self._plan_joint)
         args, kwargs = split_sample(sample)
@@ -148,27 +179,71 @@ class Rockmate(torch.nn.Module):
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         started = time.perf_counter()
         make_dropout_outputs_recomputable(joint)
-        if self.profile == "measure":
-            cache = ProfileCache(default_cache_dir() / "profiles.json")
-            costs = measure_costs(joint, primals, self._device_type, cache=cache)
+        key = self._plan_key(graph_hash(joint, num_fwd_outputs))
+        reused = self._schedules.find(joint, num_fwd_outputs, key, self._budget)
+        if reused is not None:  # a schedule file or cache hit: no profiling, no solving
+            _log.info("cache: hit %s", reused.source)
+            lowered, schedule, budget_bytes = reused.lowered, reused.schedule, reused.budget_bytes
+            baseline, predicted = reused.baseline, reused.predicted  # checked and simulated on this graph
+            profiled = solved = time.perf_counter()
         else:
-            costs = profile_costs(joint, self._device_type)
-        lowered = lower_joint_graph(joint, num_fwd_outputs, costs)
-        profiled = time.perf_counter()
-        graph = lowered.graph
-        baseline = solvers.simulate(graph, solvers.no_remat_schedule(graph))
-        budget_bytes = self._budget.resolve(baseline.peak_bytes)
-        try:
-            schedule = solvers.solve(graph, budget_bytes, method=self.method)
-        except BudgetInfeasible as error:
-            raise BudgetTooSmall(budget_bytes, error.min_feasible_bytes, error.method) from None
-        predicted = solvers.simulate(graph, schedule)
+            if self.profile == "measure":
+                cache = ProfileCache(self._cache_root / "profiles.json")
+                costs = measure_costs(joint, primals, self._device_type, cache=cache)
+            else:
+                costs = profile_costs(joint, self._device_type)
+            lowered = lower_joint_graph(joint, num_fwd_outputs, costs)
+            profiled = time.perf_counter()
+            _log.info("profile: %d ops (%s) in %.2f s", lowered.graph.num_ops, self.profile, profiled - started)
+            assert self._budget is not None, "a budget is required unless a schedule file is given"
+            baseline = solvers.simulate(lowered.graph, solvers.no_remat_schedule(lowered.graph))
+            budget_bytes = self._budget.resolve(baseline.peak_bytes)
+            try:
+                schedule = solvers.solve(lowered.graph, budget_bytes, method=self.method)
+            except BudgetInfeasible as error:
+                raise BudgetTooSmall(budget_bytes, error.min_feasible_bytes, error.method) from None
+            predicted = solvers.simulate(lowered.graph, schedule)
+            solved = time.perf_counter()
+            _log.info("solve: method %s, predicted peak %s within %s, in %.2f s", self.method,
+                      solvers.format_bytes(predicted.peak_bytes), solvers.format_bytes(budget_bytes), solved - profiled)
         modules = generate_modules(joint, lowered, schedule)
         self._plan = Plan(
             lowered, schedule, predicted, baseline, budget_bytes, modules,
-            solve_seconds=time.perf_counter() - profiled, profile_seconds=profiled - started,
+            solve_seconds=solved - profiled, profile_seconds=profiled - started,
+            graph_hash=key.graph_hash, cache_hit=reused is not None,
         )
+        if reused is None:
+            stored = self._schedules.store(self._schedule_file(self._plan))
+            if stored is not None:
+                _log.info("cache: stored %s", stored)
         return modules.forward, modules.backward
+
+    # -- schedule files -------------------------------------------------------------
+    def _plan_key(self, hash_: str) -> PlanKey:
+        budget = budget_key(self._budget) if self._budget is not None else "file"
+        return PlanKey(hash_, budget, self._device_type, self.method, self.profile)
+
+    def _schedule_file(self, plan: Plan) -> ScheduleFile:
+        key = self._plan_key(plan.graph_hash)
+        if self._budget is None:  # planned from a file with its own budget: key by those bytes
+            key = PlanKey(key.graph_hash, f"bytes-{plan.budget_bytes}", key.device, key.method, key.profile)
+        device = device_name(torch.device(self._device_type))
+        return make_schedule_file(
+            key, self._budget, plan.budget_bytes, plan.lowered.graph, plan.schedule, plan.predicted, plan.baseline,
+            device,
+        )
+
+    def save_schedule(self, path: str | os.PathLike[str]) -> Path:
+        """Write the plan to ``path`` as a schedule file (atomically); return the path.
+
+        Reuse it with ``Rockmate(model, sample, budget, schedule=path)``, or
+        inspect it with ``rematc show path``.
+
+        Example:
+            >>> rm.save_schedule("gpt.schedule.json")                # doctest: +SKIP
+            PosixPath('gpt.schedule.json')
+        """
+        return write_schedule_file(path, self._schedule_file(self.plan))
 
     # -- running ------------------------------------------------------------------
     def forward(self, *args: Any, loss_args: tuple = (), **kwargs: Any) -> Any:
@@ -189,6 +264,16 @@ class Rockmate(torch.nn.Module):
     def plan(self) -> Plan:
         assert self._plan is not None
         return self._plan
+
+    @property
+    def cache_hit(self) -> bool:
+        """Whether the plan came from a schedule file or the cache (nothing was profiled or solved)."""
+        return self.plan.cache_hit
+
+    @property
+    def graph_hash(self) -> str:
+        """The canonical hash of the captured joint graph (``rematc.graph_hash``): what schedule files key on."""
+        return self.plan.graph_hash
 
     @property
     def budget_bytes(self) -> int:
@@ -214,6 +299,24 @@ class Rockmate(torch.nn.Module):
     def baseline_step_seconds(self) -> float:
         """Predicted time of one forward+backward without rematerialization."""
         return self.plan.baseline.time_ms / 1e3
+
+    def explain(self) -> Explanation:
+        """What the plan keeps for the backward, what it recomputes, and where it peaks.
+
+        Returns an :class:`~rematc.explain.Explanation`; ``print(rm.explain())``
+        shows each kept or recomputed value with its bytes, the op that makes
+        it and the user's source line, grouped by block, and the predicted
+        peak with the op and phase where it occurs.
+
+        Example:
+            >>> print(rm.explain())                                   # doctest: +SKIP
+            rematc plan: budget 1.70 MiB, predicted peak 1.67 MiB (no remat: 2.42 MiB)
+            peak: in the backward (step 9 of 642), computing _log_softmax_backward_data (...)
+            ...
+            block 4 of 12
+              recomputed   32.00 KiB  getitem_2  aten.native_layer_norm.default  models.py:62 in forward: ...
+        """
+        return explain_plan(self.plan)
 
     def extra_repr(self) -> str:
         if self._plan is None:

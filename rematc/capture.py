@@ -16,6 +16,8 @@ API can prove the plan ran.
 
 from __future__ import annotations
 
+import logging
+import re
 import types
 from typing import Any, Callable
 
@@ -59,14 +61,12 @@ class CompiledStep:
 
     def __call__(self, args: tuple, kwargs: dict, loss_args: tuple) -> Any:
         try:
-            return self._compiled(args, kwargs, loss_args)
+            with torch._dynamo.config.patch(ignore_logging_functions=_logging_functions()):
+                return self._compiled(args, kwargs, loss_args)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             raise error.inner_exception from None
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as error:
-            raise GraphBreakError(
-                "TorchDynamo cannot capture the training step as one graph; rematc needs the "
-                f"whole forward in one graph. Dynamo says:\n{error}"
-            ) from error
+            raise graph_break_error(error) from error
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         def partition(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int, **_: Any):
@@ -97,6 +97,57 @@ class CompiledStep:
 
         counted._boxed_call = True  # type: ignore[attr-defined]
         return counted
+
+
+def graph_break_error(error: Exception) -> GraphBreakError:
+    """A :class:`GraphBreakError` naming what Dynamo could not trace and the user's source line.
+
+    The message leads with the reason and the innermost frame of the user's
+    code (Dynamo's ``real_stack``, rematc's own step function left out), then
+    gives Dynamo's full report.
+    """
+    text = str(getattr(error, "msg", "") or error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = getattr(error, "gb_type", None) or (lines[0] if lines else type(error).__name__)
+    explanation = next((line for line in lines if line.startswith("Explanation:")), None)
+    if explanation:
+        reason = f"{reason}: {explanation.removeprefix('Explanation:').strip()}"
+    guard = re.search(r"Could not guard on data-dependent expression [^(]*", text)
+    if guard:  # Dynamo's first line here is advice about torch._check, not the cause
+        reason = f"Python control flow on a tensor's value (.item(), bool(tensor)): {guard.group(0).strip()}"
+    stack = [f for f in getattr(error, "real_stack", None) or () if f.filename != __file__]
+    frame = stack[-1] if stack else None
+    where = ""
+    if frame is not None:
+        where = f"\n  at {frame.filename}:{frame.lineno}, in {frame.name}"
+        if frame.line:
+            where += f"\n      {frame.line.strip()}"
+        if len(stack) > 1:
+            callers = " <- ".join(f"{f.name} ({f.filename.rsplit('/', 1)[-1]}:{f.lineno})" for f in reversed(stack[:-1]))
+            where += f"\n  called from {callers}"
+    message = (
+        "TorchDynamo cannot capture the training step as one graph, and rematc plans the "
+        f"whole forward+backward as one graph.\n  graph break: {reason}{where}\n"
+        "Remove or rewrite that construct (data-dependent Python control flow such as "
+        "`if t.item() > 0`, printing, calls Dynamo cannot trace), or move it out of the "
+        f"module given to Rockmate.\n\nDynamo's report:\n{error}"
+    )
+    return GraphBreakError(message, reason, frame)
+
+
+def _logging_functions() -> set[Callable[..., Any]]:
+    """``logging.Logger`` methods Dynamo should treat as no-ops inside the step.
+
+    NOTE: [Logging in the forward] Dynamo cannot put a log call in a graph, so
+    one in the forward breaks the one-graph capture. Hugging Face models log
+    from inside ``forward`` (``GPT2LMHeadModel(labels=...)`` calls
+    ``logger.warning_once`` on every step), so the captured step drops log
+    calls instead, as ``torch.export`` does; they carry no computation.
+    """
+    names = ("debug", "info", "warning", "warn", "error", "critical", "exception", "log")
+    extra = ("info_once", "warning_once", "warning_advice")  # added by transformers.utils.logging
+    functions = {getattr(logging.Logger, n) for n in (*names, *extra) if hasattr(logging.Logger, n)}
+    return {*torch._dynamo.config.ignore_logging_functions, *functions}
 
 
 def _boxed(gm: fx.GraphModule, _example_inputs: Any) -> Callable[..., Any]:

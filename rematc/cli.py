@@ -6,6 +6,8 @@ import argparse
 import sys
 import traceback
 
+from .schedule_commands import add_schedule_commands
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", type=float, default=0.4, help="fraction of the no-remat peak (default 0.4)")
     demo.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
     demo.set_defaults(run=_demo)
+    add_schedule_commands(commands)  # plan, show
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 from solvers.errors import BudgetInfeasible, format_bytes
 
 
@@ -32,11 +34,58 @@ class GraphBreakError(RematcError):
     Fix: remove the construct the message names (data-dependent Python control
     flow, ``.item()``, printing, unsupported calls) from the forward, or wrap
     it so it runs outside the model passed to ``Rockmate``.
+
+    Attributes:
+        reason: what Dynamo could not trace, in its words (one or two lines).
+        frame: the user's source line at which capture stopped
+            (``filename``, ``lineno``, ``name``, ``line``), or None when Dynamo
+            names none.
     """
+
+    def __init__(self, message: str, reason: str = "", frame: traceback.FrameSummary | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.frame = frame
 
 
 class CaptureError(RematcError):
     """Capturing or compiling the training step failed; the cause is chained."""
 
 
-__all__ = ["BudgetTooSmall", "CaptureError", "GraphBreakError", "RematcError", "format_bytes"]
+class ScheduleFileError(RematcError, ValueError):
+    """A schedule file cannot be used for this model: corrupt, unknown format, or another graph.
+
+    Raised for a file given explicitly (``Rockmate(..., schedule=path)``); a bad
+    file found in the cache only warns (:class:`RematcWarning`) and rematc plans
+    again. The message names the file and what differs (expected vs found).
+
+    Fix: re-create the file for this model, sample shapes, dtypes and loss
+    (``rematc plan MODULE:FACTORY --budget B --out FILE`` or
+    ``Rockmate(...).save_schedule(FILE)``), or drop ``schedule=`` to plan now.
+
+    Attributes:
+        path: the file.
+        reason: what is wrong, in words.
+        expected: the value rematc needed (a graph hash, a version), if any.
+        found: the value the file has, if any.
+    """
+
+    def __init__(self, path: object, reason: str, expected: object = None, found: object = None) -> None:
+        self.path = str(path)
+        self.reason = reason
+        self.expected = expected
+        self.found = found
+        super().__init__(f"schedule file {self.path}: {reason}")
+
+    def __reduce__(self):  # keep pickling working with the custom __init__
+        return (type(self), (self.path, self.reason, self.expected, self.found))
+
+
+class RematcWarning(UserWarning):
+    """Something rematc worked around, such as a bad schedule-cache entry it replaced by planning again."""
+
+
+__all__ = [
+    "BudgetTooSmall", "CaptureError", "GraphBreakError", "RematcError", "RematcWarning", "ScheduleFileError",
+    "format_bytes",
+]

@@ -66,6 +66,11 @@ def is_recomputable(node: fx.Node) -> bool:
     return target.namespace in ("aten", "prims")
 
 
+def _numel(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.numel() if isinstance(val, torch.Tensor) else 0
+
+
 def _tensor_outputs(node: fx.Node) -> list[tuple[int | None, torch.Tensor]]:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
@@ -151,10 +156,20 @@ def lower_joint_graph(
     )
     # The caller holds the forward outputs (the loss, logits) until the backward
     # is done, so they stay live to the end; gradients are handed to autograd.
-    # NOTE: [Tangents are pinned] The autograd engine passes the output
-    # gradients to CompiledFunction.backward(ctx, *grads): that argument tuple
-    # holds them until the backward returns, whatever the graph frees.
-    tangents = tuple(op.outputs[0] for op in ops if op.is_input)
-    required = tuple(dict.fromkeys((*forward_outputs, *gradients, *tangents)))
+    # NOTE: [Which tangents are pinned] torch >= 2.13 calls AOTAutograd's
+    # backward with ``boxed_grads_call``: the output gradients arrive in one
+    # list, which AOTAutograd's prologue clears, and the boxed backward graph
+    # drops each after its last use. A gradient made by the autograd graph
+    # downstream (an output fed to a loss outside) is owned by nothing else and
+    # dies there. The gradient of a backward *root* is different:
+    # ``loss.backward()`` makes it (``ones_like``) and its frame holds it
+    # until the backward returns. Roots are scalar losses, so one-element
+    # tangents are pinned to the end and the others are not. Pinning them all
+    # overestimated by an output's size (4% on a small attention stack
+    # returning its activations); tests/rematc/test_model_constructs.py measures both.
+    pinned = tuple(
+        op.outputs[0] for op, node in zip(ops, op_nodes) if op.is_input and _numel(node) == 1
+    )
+    required = tuple(dict.fromkeys((*forward_outputs, *gradients, *pinned)))
     graph = Graph(tuple(ops), tuple(values), forward_outputs, required)
     return Lowered(graph, tuple(op_nodes), tuple(value_nodes), num_fwd_outputs)

@@ -10,20 +10,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from rematc.models import TinyGPT, TinyGPTConfig, lm_loss
+from tests import zoo_models as zoo
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Where rematc and eager cannot run the same kernels, how close is equal, and why."""
+
+    rtol: float
+    atol: float
+    why: str
 
 
 @dataclass(frozen=True)
 class ZooEntry:
     """How to build a model, a batch, and the loss it trains with.
 
-    ``make_batch(seed)`` returns ``(args, loss_args)``: the model's positional
-    inputs and the extra arguments of ``loss_fn``.
+    ``make_batch(seed)`` returns ``(sample, loss_args)``: ``sample`` is what
+    ``Rockmate`` takes (a tuple of positional arguments or a dict of keyword
+    arguments) and ``loss_args`` the extra arguments of ``loss_fn``.
+
+    ``loss_fn`` runs inside the planned step (``Rockmate(..., loss_fn=)``);
+    when it is None the model computes its own loss (Hugging Face models given
+    ``labels``) and ``loss_of(output)`` picks it out of what the model returns.
+    ``autocast`` is the dtype of a ``torch.autocast`` region around the step.
+    ``tolerance`` is None when outputs and gradients must be bitwise equal.
     """
 
     name: str
     make_model: Callable[[], nn.Module]
-    make_batch: Callable[[int], tuple[tuple, tuple]]
-    loss_fn: Callable[..., torch.Tensor]
+    make_batch: Callable[[int], tuple[Any, tuple]]
+    loss_fn: Callable[..., torch.Tensor] | None
+    loss_of: Callable[[Any], torch.Tensor] = lambda output: output
+    autocast: torch.dtype | None = None
+    tolerance: Tolerance | None = None
 
 
 def _mlp() -> nn.Module:
@@ -71,12 +91,31 @@ def _gpt_batch(seed: int) -> tuple[tuple, tuple]:
     return (idx[:, :-1],), (idx[:, 1:],)
 
 
+def _model_loss(output: Any) -> torch.Tensor:
+    return output.loss if hasattr(output, "loss") else output["loss"]
+
+
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in (
         ZooEntry("mlp", _mlp, _mlp_batch, F.cross_entropy),
         ZooEntry("transformer", lambda: TinyGPT(_GPT), _gpt_batch, lm_loss),
         ZooEntry("cnn", SmallCNN, _cnn_batch, F.cross_entropy),
+        # Hugging Face, random weights from small configs; the model computes its loss from ``labels``.
+        ZooEntry("hf_gpt2", zoo.gpt2, zoo.lm_batch, None, _model_loss),  # LM head tied to the embedding
+        ZooEntry("hf_llama", zoo.llama, zoo.lm_batch, None, _model_loss),
+        ZooEntry("hf_bert", zoo.bert, zoo.bert_batch, None, _model_loss),
+        ZooEntry("hf_vit", zoo.vit, zoo.vit_batch, None, _model_loss),
+        ZooEntry("resnet", zoo.ResNet, zoo.image_batch, F.cross_entropy),
+        ZooEntry("resnet_frozen_backbone", zoo.frozen_backbone_resnet, zoo.image_batch, F.cross_entropy),
+        ZooEntry("unet", zoo.UNet, zoo.segmentation_batch, F.cross_entropy),
+        ZooEntry("random_ops_cnn", zoo.RandomOpsCNN, zoo.image_batch, F.cross_entropy),
+        ZooEntry("sdpa_dropout", zoo.SDPAStack, zoo.sequence_batch, zoo.token_loss),
+        ZooEntry("gpt_frozen_embeddings", zoo.gpt_frozen_embeddings, zoo.gpt_batch, lm_loss),
+        ZooEntry("gpt_bfloat16_params", zoo.gpt_bfloat16, zoo.gpt_batch, lm_loss),
+        ZooEntry("gpt_autocast_bfloat16", zoo.gpt_autocast, zoo.gpt_batch, lm_loss, autocast=torch.bfloat16),
+        ZooEntry("multi_io_kwargs", zoo.MultiInputOutput, zoo.multi_io_kwargs_batch, None, _model_loss),
+        ZooEntry("multi_io_positional", zoo.MultiInputOutput, zoo.multi_io_positional_batch, None, _model_loss),
     )
 }
 
