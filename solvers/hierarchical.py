@@ -1,0 +1,361 @@
+"""The hierarchical planner: partition, per-block menus, chain DP, expansion.
+
+Pipeline (each stage a function of the previous one's output)::
+
+    Graph --partition_chain--> Chain --build_block_graph--> BlockGraph per block
+          --build_menu (once per distinct block key)--> BlockMenu
+          --solve_chain (DP at the budget)--> ChainPlan --expand_plan--> Schedule
+
+:func:`expand_plan` writes the plan's moves as one compute order (each block
+run mapped back to graph ops; the forward phase is everything before the
+first backward move) and :func:`schedule_from_order` frees every value at its
+last use; the result is checked and simulated, and the simulated peak is what
+is reported. :func:`solve_auto` picks the whole-graph MILP for small graphs
+and this planner otherwise, and falls back to greedy.
+
+Example:
+    >>> result = solve_hierarchical(graph, budget_bytes=2**30)    # doctest: +SKIP
+    >>> result.peak_bytes <= 2**30, result.n_distinct_blocks      # doctest: +SKIP
+    (True, 5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+from .block_graph import BlockGraph, build_block_graph
+from .errors import BudgetInfeasible
+from .graph import Graph
+from .ilp import ilp_min_feasible_peak, solve_ilp
+from .menus import BlockMenu, MenuSettings, build_menu
+from .milp import MilpSettings
+from .partition import Chain, partition_chain
+from .rotor import ChainBlock, ChainPlan, chain_peak_bytes, min_chain_budget, solve_chain
+from .recompute import no_remat_schedule
+from .schedule import Schedule, schedule_from_order
+from .simulate import check, simulate
+
+
+#: Memory units of the chain DP: finer is slower (linear) and loses less to rounding.
+DEFAULT_CHAIN_SLOTS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class HierarchicalSettings:
+    """Settings of the hierarchical planner and of :func:`solve_auto` (frozen: hashable, cacheable).
+
+    Attributes:
+        menu: how block menus are built.
+        slots: memory units of the chain DP.
+        granularities: ``min_block_ops`` of the chains tried (see
+            :func:`partition_chain`); each budget takes the best plan. Fine
+            chains let the DP place checkpoints anywhere; coarse ones let the
+            block solver recompute block inputs. Identical blocks share menus
+            across chains, so a second granularity costs only its new blocks.
+        max_blocks: merge neighbouring blocks down to this many (None: no limit).
+        complete_menus_below: menus start with the options that matter at loose
+            budgets (see :func:`build_menu`); a budget below this fraction of the
+            no-remat peak (or one the chain cannot meet) completes them.
+        whole_graph_ilp_max_ops: :func:`solve_auto` uses the whole-graph MILP up to this many ops.
+        ilp: settings of the whole-graph MILP (also used when a chain has one block).
+    """
+
+    menu: MenuSettings = field(default_factory=MenuSettings)
+    slots: int = DEFAULT_CHAIN_SLOTS
+    granularities: tuple[int, ...] = (1, 12)
+    max_blocks: int | None = 64
+    complete_menus_below: float = 0.75
+    whole_graph_ilp_max_ops: int = 90
+    ilp: MilpSettings = field(default_factory=lambda: MilpSettings(time_limit_s=30.0))
+
+
+@dataclass(frozen=True, slots=True)
+class HierarchicalResult:
+    """A hierarchical schedule and how it was found.
+
+    Attributes:
+        schedule: the schedule (checked; simulated peak within the budget).
+        time_ms: simulated time.
+        peak_bytes: simulated peak.
+        plan: the chain plan it expands (None when a one-block chain was solved by the MILP).
+        n_blocks: blocks in the chain the schedule came from.
+        n_distinct_blocks: distinct blocks solved over all chains (identical blocks share a menu).
+        solve_seconds: wall time of the call (menus included when not cached).
+    """
+
+    schedule: Schedule
+    time_ms: float
+    peak_bytes: int
+    plan: ChainPlan | None
+    n_blocks: int
+    n_distinct_blocks: int
+    solve_seconds: float
+
+
+@dataclass(slots=True)
+class ChainVariant:
+    """One partition of the graph with its block graphs and the DP's view of each block."""
+
+    chain: Chain
+    blocks: list[BlockGraph]
+    chain_blocks: list[ChainBlock]
+
+    def plan(self, budget_bytes: int, slots: int) -> ChainPlan | None:
+        """The best chain plan whose chain-model peak fits ``budget_bytes`` (static bytes included).
+
+        The DP rounds every requirement up, so its plan always fits; with
+        :data:`DEFAULT_CHAIN_SLOTS` units the rounding costs about 0.5% of the
+        budget on a 25-block chain. A second DP rounds to the nearest unit;
+        its plan is taken when faster and its exact chain-model peak fits.
+        """
+        available = budget_bytes - self.chain.static_bytes
+        if available < 0:
+            return None
+        best = solve_chain(self.chain_blocks, available, slots=slots)
+        # Rounded up, a plan that fits exactly (the no-remat one at its own peak) can look a
+        # unit too big; sizes rounded to the nearest unit see it, and its exact peak decides.
+        nearest = solve_chain(self.chain_blocks, int(available * (1 + 2 / slots)), slots=slots, exact=False)
+        if (nearest is not None and chain_peak_bytes(self.chain_blocks, nearest.moves) <= available
+                and (best is None or nearest.time_ms < best.time_ms)):
+            best = nearest
+        return best
+
+    def expand(self, graph: Graph, menus: dict[str, BlockMenu], plan: ChainPlan) -> Schedule:
+        """The plan's moves as one schedule on ``graph``."""
+        forward: list[int] = []
+        backward: list[int] = []
+        target = forward
+        for kind, b, o in plan.moves:
+            block = self.blocks[b]
+            menu = menus[block.key]
+            if kind in ("B", "Bk"):
+                target = backward
+                local = menu.option(o).backward_order
+            elif kind in ("Fall", "Fallk"):
+                local = menu.option(o).forward_order
+            else:
+                local = menu.forward_only_order
+            target.extend(block.op_map[i] for i in local if block.op_map[i] >= 0)
+        return schedule_from_order(graph, forward, backward)
+
+    def upper_bytes(self) -> int:
+        """A budget every plan of the DP fits in (sum of every block's largest numbers)."""
+        total = self.chain.static_bytes
+        for block in self.chain_blocks:
+            option = max(block.options, key=lambda o: o.forward_peak_bytes + o.backward_peak_bytes)
+            total += (option.forward_peak_bytes + option.backward_peak_bytes + option.kept_bytes
+                      + block.grad_in_bytes + block.persist_bytes + block.input_bytes)
+        return total
+
+
+class ChainSolver:
+    """Everything about one graph that does not depend on the budget: chains, block graphs, menus.
+
+    Example:
+        >>> solver = ChainSolver(graph)                           # doctest: +SKIP
+        >>> solver.solve(budget_bytes).time_ms                    # doctest: +SKIP
+    """
+
+    def __init__(self, graph: Graph, settings: HierarchicalSettings | None = None) -> None:
+        self.graph = graph
+        self.settings = settings if settings is not None else HierarchicalSettings()
+        began = time.perf_counter()
+        self.menus: dict[str, BlockMenu] = {}
+        self.variants: list[ChainVariant] = []
+        self.no_remat_peak_bytes = simulate(graph, no_remat_schedule(graph)).peak_bytes
+        seen: set[tuple[int | None, ...]] = set()
+        for min_ops in sorted(set(self.settings.granularities)):
+            chain = partition_chain(graph, min_block_ops=min_ops, max_blocks=self.settings.max_blocks)
+            cuts = tuple(b.input_value for b in chain.blocks)
+            if cuts in seen:
+                continue
+            seen.add(cuts)
+            blocks = [build_block_graph(chain, b) for b in range(len(chain.blocks))]
+            if len(blocks) == 1:  # the whole graph: solve() hands it to the MILP, no menu needed
+                self.variants.append(ChainVariant(chain, blocks, []))
+                continue
+            for block in blocks:
+                if block.key not in self.menus:
+                    self.menus[block.key] = build_menu(block, self.settings.menu, complete=False)
+            self.variants.append(ChainVariant(chain, blocks, [self.menus[b.key].chain_block(b) for b in blocks]))
+        self.setup_seconds = time.perf_counter() - began
+
+    @property
+    def complete(self) -> bool:
+        return all(menu.complete for menu in self.menus.values())
+
+    def complete_menus(self) -> None:
+        """Solve every menu's full grid (lower peaks, tail runs) and refresh the chains."""
+        if self.complete:
+            return
+        blocks = {b.key: b for v in self.variants for b in v.blocks}
+        for key in sorted(self.menus):
+            if not self.menus[key].complete:
+                self.menus[key] = build_menu(blocks[key], self.settings.menu, complete=True)
+        for variant in self.variants:
+            if variant.chain_blocks:
+                variant.chain_blocks = [self.menus[b.key].chain_block(b) for b in variant.blocks]
+
+    @property
+    def chain(self) -> Chain:
+        """The coarsest chain (the last variant)."""
+        return self.variants[-1].chain
+
+    @property
+    def n_distinct_blocks(self) -> int:
+        return len(self.menus)
+
+    def solve(self, budget_bytes: int) -> HierarchicalResult:
+        """Plan every chain at ``budget_bytes``, expand, check, simulate; the fastest that fits.
+
+        A chain of one block (no cut survived: U-Net's long skips) is the
+        whole graph; it is solved by the MILP within its time limit (greedy
+        and the menu's plan compete).
+
+        Raises:
+            BudgetInfeasible: no plan fits; ``min_feasible_bytes`` is the
+                smallest peak this planner reaches.
+        """
+        began = time.perf_counter()
+        if budget_bytes < self.settings.complete_menus_below * self.no_remat_peak_bytes:
+            self.complete_menus()
+        best = self._best_plan(budget_bytes)
+        if best is None and not self.complete:
+            self.complete_menus()
+            best = self._best_plan(budget_bytes)
+        if best is None:
+            raise BudgetInfeasible(budget_bytes, max(self.min_feasible_peak(), budget_bytes + 1),
+                                   method="hierarchical")
+        time_ms, schedule, peak, plan, n_blocks = best
+        return HierarchicalResult(schedule, time_ms, peak, plan, n_blocks, self.n_distinct_blocks,
+                                  time.perf_counter() - began)
+
+    def _best_plan(self, budget_bytes: int) -> tuple[float, Schedule, int, ChainPlan | None, int] | None:
+        """(time, schedule, peak, plan, blocks) of the fastest plan over the chains, checked and simulated."""
+        best: tuple[float, Schedule, int, ChainPlan | None, int] | None = None
+        for variant in self.variants:
+            plan = variant.plan(budget_bytes, self.settings.slots) if variant.chain_blocks else None
+            if plan is None:
+                continue
+            schedule = variant.expand(self.graph, self.menus, plan)
+            check(self.graph, schedule)
+            sim = simulate(self.graph, schedule, validate=False)
+            assert sim.peak_bytes <= budget_bytes, (
+                f"chain model ({plan.peak_bytes + variant.chain.static_bytes} B) below simulate "
+                f"({sim.peak_bytes} B): a bug in the block accounting")
+            if best is None or sim.time_ms < best[0]:
+                best = (sim.time_ms, schedule, sim.peak_bytes, plan, len(variant.blocks))
+        if any(len(v.blocks) == 1 for v in self.variants):
+            try:
+                result = solve_ilp(self.graph, budget_bytes, settings=self.settings.ilp)
+                if best is None or result.time_ms < best[0]:
+                    best = (result.time_ms, result.schedule, result.peak_bytes, None, 1)
+            except BudgetInfeasible:
+                pass
+        return best
+
+    def min_feasible_peak(self) -> int:
+        """The smallest budget at which :meth:`solve` succeeds (as found).
+
+        Per chain: the DP's smallest feasible budget at a coarse resolution,
+        refined at a fine one; the plan there is simulated, and its simulated
+        peak is the answer when the planner also succeeds at that peak (the
+        chain model can count a little more than :func:`simulate` measures).
+        """
+        self.complete_menus()
+        best = math.inf
+        slots = self.settings.slots
+        for variant in self.variants:
+            if not variant.chain_blocks:
+                continue
+            static = variant.chain.static_bytes
+            upper = variant.upper_bytes() - static
+            coarse = min_chain_budget(variant.chain_blocks, upper, slots=slots)
+            if coarse is None:
+                continue
+            fine = min_chain_budget(variant.chain_blocks, int(coarse * 1.02) + 1, slots=slots) or coarse
+            for budget in (fine + static, int(fine * 1.001) + 1 + static, coarse + static):
+                plan = variant.plan(budget, slots)
+                if plan is not None:
+                    schedule = variant.expand(self.graph, self.menus, plan)
+                    peak = simulate(self.graph, schedule, validate=False).peak_bytes
+                    best = min(best, peak if variant.plan(peak, slots) is not None else budget)
+                    break
+        if any(len(v.blocks) == 1 for v in self.variants):
+            peak = ilp_min_feasible_peak(self.graph, self.settings.ilp)
+            if peak > 0:
+                best = min(best, peak)
+        if math.isfinite(best):
+            return int(best)
+        return max(v.upper_bytes() for v in self.variants)
+
+
+def chain_solver(graph: Graph, settings: HierarchicalSettings | None = None) -> ChainSolver:
+    """The (cached) :class:`ChainSolver` of ``graph``: menus are built once per graph and settings."""
+    settings = settings if settings is not None else HierarchicalSettings()
+    # NOTE: [Solver cache] the graph is immutable, so the budget-independent part of the
+    # planner is memoized on it (as greedy does); another budget only reruns the DP.
+    key = ("solvers.hierarchical", settings)
+    solver = graph._cache.get(key)
+    if solver is None:
+        solver = graph._cache[key] = ChainSolver(graph, settings)
+    return solver
+
+
+def solve_hierarchical(graph: Graph, budget_bytes: int,
+                       settings: HierarchicalSettings | None = None) -> HierarchicalResult:
+    """The hierarchical schedule of ``graph`` within ``budget_bytes`` (see the module docstring).
+
+    Raises:
+        BudgetInfeasible: no plan fits (the error names the smallest peak reached).
+    """
+    if not isinstance(budget_bytes, int) or budget_bytes < 0:
+        raise ValueError(f"budget_bytes must be an int >= 0, got {budget_bytes!r}")
+    began = time.perf_counter()
+    result = chain_solver(graph, settings).solve(budget_bytes)
+    return dataclasses.replace(result, solve_seconds=time.perf_counter() - began)
+
+
+def hierarchical_min_feasible_peak(graph: Graph, settings: HierarchicalSettings | None = None) -> int:
+    """The smallest simulated peak of a hierarchical schedule of ``graph``."""
+    return chain_solver(graph, settings).min_feasible_peak()
+
+
+def solve_auto(graph: Graph, budget_bytes: int, settings: HierarchicalSettings | None = None) -> Schedule:
+    """Whole-graph MILP for small graphs, the hierarchical planner otherwise, greedy as the fallback.
+
+    Every candidate is checked and simulated; the fastest that fits is returned.
+
+    Raises:
+        BudgetInfeasible: nothing fits; ``min_feasible_bytes`` is the smallest
+            peak any of the planners reached.
+    """
+    from .greedy import greedy_schedule, min_feasible_peak_greedy
+
+    settings = settings if settings is not None else HierarchicalSettings()
+    minimums: list[int] = []
+    candidates: list[tuple[float, Schedule]] = []
+    if graph.num_ops <= settings.whole_graph_ilp_max_ops:
+        try:
+            result = solve_ilp(graph, budget_bytes, settings=settings.ilp)
+            candidates.append((result.time_ms, result.schedule))
+        except BudgetInfeasible as error:
+            minimums.append(error.min_feasible_bytes)
+    else:
+        try:
+            hier = solve_hierarchical(graph, budget_bytes, settings)
+            candidates.append((hier.time_ms, hier.schedule))
+        except BudgetInfeasible as error:
+            minimums.append(error.min_feasible_bytes)
+        try:
+            schedule = greedy_schedule(graph, budget_bytes)
+            candidates.append((simulate(graph, schedule).time_ms, schedule))
+        except BudgetInfeasible:
+            minimums.append(min_feasible_peak_greedy(graph))
+    fitting = [(t, s) for t, s in candidates if simulate(graph, s).peak_bytes <= budget_bytes]
+    if not fitting:
+        raise BudgetInfeasible(budget_bytes, min(minimums) if minimums else budget_bytes + 1, method="auto")
+    return min(fitting, key=lambda c: c[0])[1]
