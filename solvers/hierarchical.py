@@ -174,14 +174,26 @@ class ChainSolver:
                 continue
             seen.add(cuts)
             blocks = [build_block_graph(chain, b) for b in range(len(chain.blocks))]
-            if len(blocks) == 1:  # the whole graph: solve() hands it to the MILP, no menu needed
+            if _is_whole(graph, blocks):  # solve() hands the whole graph to the MILP: no menus
                 self.variants.append(ChainVariant(chain, blocks, []))
                 continue
             for block in blocks:
                 if block.key not in self.menus:
                     self.menus[block.key] = build_menu(block, self.settings.menu, complete=False)
-            self.variants.append(ChainVariant(chain, blocks, [self.menus[b.key].chain_block(b) for b in blocks]))
+            self.variants.append(ChainVariant(chain, blocks, []))
+        self._refresh()
         self.setup_seconds = time.perf_counter() - began
+
+    def _refresh(self) -> None:
+        """Rebuild the DP's view of every block from the menus."""
+        for variant in self.variants:
+            if not _is_whole(self.graph, variant.blocks):
+                variant.chain_blocks = [self.menus[b.key].chain_block(b) for b in variant.blocks]
+
+    @property
+    def whole_graph(self) -> bool:
+        """Whether some chain is (nearly) the whole graph, so the whole-graph MILP is tried."""
+        return any(not v.chain_blocks for v in self.variants)
 
     @property
     def complete(self) -> bool:
@@ -195,9 +207,7 @@ class ChainSolver:
         for key in sorted(self.menus):
             if not self.menus[key].complete:
                 self.menus[key] = build_menu(blocks[key], self.settings.menu, complete=True)
-        for variant in self.variants:
-            if variant.chain_blocks:
-                variant.chain_blocks = [self.menus[b.key].chain_block(b) for b in variant.blocks]
+        self._refresh()
 
     @property
     def chain(self) -> Chain:
@@ -248,7 +258,7 @@ class ChainSolver:
                 f"({sim.peak_bytes} B): a bug in the block accounting")
             if best is None or sim.time_ms < best[0]:
                 best = (sim.time_ms, schedule, sim.peak_bytes, plan, len(variant.blocks))
-        if any(len(v.blocks) == 1 for v in self.variants):
+        if self.whole_graph:
             try:
                 result = solve_ilp(self.graph, budget_bytes, settings=self.settings.ilp)
                 if best is None or result.time_ms < best[0]:
@@ -284,13 +294,22 @@ class ChainSolver:
                     peak = simulate(self.graph, schedule, validate=False).peak_bytes
                     best = min(best, peak if variant.plan(peak, slots) is not None else budget)
                     break
-        if any(len(v.blocks) == 1 for v in self.variants):
+        if self.whole_graph:
             peak = ilp_min_feasible_peak(self.graph, self.settings.ilp)
             if peak > 0:
                 best = min(best, peak)
         if math.isfinite(best):
             return int(best)
         return max(v.upper_bytes() for v in self.variants)
+
+
+#: A chain whose largest block holds this fraction of the ops is the whole graph in
+#: disguise (U-Net, random skips): its menus would cost more than the whole-graph MILP.
+WHOLE_GRAPH_FRACTION = 0.8
+
+
+def _is_whole(graph: Graph, blocks: list[BlockGraph]) -> bool:
+    return max(sum(k >= 0 for k in b.op_map) for b in blocks) >= WHOLE_GRAPH_FRACTION * graph.num_ops
 
 
 def chain_solver(graph: Graph, settings: HierarchicalSettings | None = None) -> ChainSolver:
