@@ -25,6 +25,11 @@ import torch
 import torch.fx as fx
 from torch._functorch.partitioners import _extract_fwd_bwd_modules
 
+try:  # output descriptors (torch >= 2.9); without them the output carries no "desc" meta
+    from torch._functorch._aot_autograd.descriptors import SavedForBackwardsAOTOutput
+except ImportError:  # pragma: no cover
+    SavedForBackwardsAOTOutput = None  # type: ignore[assignment, misc]
+
 from solvers import Schedule
 
 from .lower import Lowered
@@ -113,19 +118,24 @@ def generate_modules(joint: fx.GraphModule, lowered: Lowered, schedule: Schedule
     fw_template, bw_template = _extract_fwd_bwd_modules(
         joint, template_saved, [], num_fwd_outputs=lowered.num_fwd_outputs
     )
-    missing = requested - {n.name for n in template_saved}
-    if missing:
-        raise AssertionError(f"AOTAutograd dropped saved values the schedule reads: {sorted(missing)}")
+    # The extraction drops saved values its own backward does not read: a parameter that
+    # only a recomputed forward op reads in our backward (a BatchNorm's bias). They go
+    # back in after the values it kept, in both modules.
+    kept_names = {n.name for n in template_saved}
+    extra = [n for n in saved if n.name not in kept_names]
+    saved_names = [n.name for n in template_saved]
     drop = {n.name for n in template_only}
-    forward = _rebuild(joint, fw_template, lowered, schedule.computes("forward"), "forward", drop)
-    backward = _rebuild(joint, bw_template, lowered, schedule.computes("backward"), "backward", drop)
+    forward = _rebuild(joint, fw_template, lowered, schedule.computes("forward"), "forward", drop,
+                       extra, saved_names)
+    backward = _rebuild(joint, bw_template, lowered, schedule.computes("backward"), "backward", drop,
+                        extra, saved_names)
     fw_ops = set(schedule.computes("forward"))
     recomputed = tuple(
         lowered.graph.ops[i].name
         for i in schedule.computes("backward")
         if not lowered.graph.ops[i].is_backward and i in fw_ops
     )
-    kept = tuple(n.name for n in template_saved if n.name not in drop)
+    kept = tuple(n.name for n in [*template_saved, *extra] if n.name not in drop)
     return GeneratedModules(forward, backward, kept, recomputed)
 
 
@@ -146,19 +156,30 @@ def _rebuild(
     op_order: tuple[int, ...],
     phase: str,
     drop: set[str],
+    extra: list[fx.Node],
+    saved_names: list[str],
 ) -> fx.GraphModule:
     """A graph with ``template``'s placeholders and output, and ``op_order`` as body.
 
     Saved values named in ``drop`` are removed from the forward's outputs and
-    the backward's placeholders.
+    the backward's placeholders; the joint nodes in ``extra`` are added after
+    the template's saved values ``saved_names`` (forward outputs, backward placeholders).
     """
     joint_nodes = {n.name: n for n in joint.graph.nodes}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    for placeholder in template.graph.find_nodes(op="placeholder"):
+    placeholders = list(template.graph.find_nodes(op="placeholder"))
+    if phase == "backward" and extra:  # AOTAutograd's backward reads (symints, saved values, tangents...)
+        after = max((i for i, p in enumerate(placeholders) if p.name in set(saved_names)), default=-1)
+        if after < 0:
+            after = sum(1 for p in placeholders if "sym" in p.name) - 1
+        placeholders[after + 1:after + 1] = extra
+    for placeholder in placeholders:
         if phase == "backward" and placeholder.name in drop:
             continue
-        new = graph.node_copy(placeholder)
+        new = graph.placeholder(placeholder.name) if placeholder in extra else graph.node_copy(placeholder)
+        if placeholder in extra:
+            new.meta.update(placeholder.meta)
         env[joint_nodes[placeholder.name]] = new
     # Tensor constants (``get_attr``: ``torch.tensor(...)`` in the forward, as in
     # Hugging Face GPT-2) are resident module attributes: each graph reads its own.
@@ -203,7 +224,26 @@ def _rebuild(
         desc = output.meta.get("desc")
         if isinstance(desc, (list, tuple)) and len(desc) == len(outputs):
             output.meta["desc"] = [desc[i] for i in keep]
+    if extra and phase == "forward":
+        _insert_saved_outputs(output, [env[n] for n in extra], lowered.num_fwd_outputs + len(set(saved_names) - drop))
     graph.set_codegen(torch.fx.graph._BoxedCodeGen())
     graph.lint()
     module = fx.GraphModule(joint, graph)
     return module
+
+
+def _insert_saved_outputs(output: fx.Node, nodes: list[fx.Node], position: int) -> None:
+    """Insert saved values into the forward's output at ``position``, renumbering the descriptors."""
+    values = list(output.args[0])
+    values[position:position] = nodes
+    output.args = (type(output.args[0])(values),)
+    desc = output.meta.get("desc")
+    if SavedForBackwardsAOTOutput is not None and isinstance(desc, (list, tuple)) and len(desc) + len(nodes) == len(values):
+        descs = list(desc)
+        descs[position:position] = [None] * len(nodes)
+        saved = 0
+        for i, d in enumerate(descs):
+            if d is None or type(d).__name__.startswith("SavedForBackwards"):
+                descs[i] = SavedForBackwardsAOTOutput(saved) if d is None else type(d)(saved)
+                saved += 1
+        output.meta["desc"] = descs

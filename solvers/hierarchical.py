@@ -4,14 +4,19 @@ Pipeline (each stage a function of the previous one's output)::
 
     Graph --partition_chain--> Chain --build_block_graph--> BlockGraph per block
           --build_menu (once per distinct block key)--> BlockMenu
-          --solve_chain (DP at the budget)--> ChainPlan --expand_plan--> Schedule
+          --solve_chain (DP at the budget)--> ChainPlan --ChainVariant.expand--> Schedule
 
-:func:`expand_plan` writes the plan's moves as one compute order (each block
-run mapped back to graph ops; the forward phase is everything before the
-first backward move) and :func:`schedule_from_order` frees every value at its
-last use; the result is checked and simulated, and the simulated peak is what
-is reported. :func:`solve_auto` picks the whole-graph MILP for small graphs
-and this planner otherwise, and falls back to greedy.
+Several chains of the same graph are planned (``granularities``: every cut,
+and blocks of at least 12 ops); identical blocks share one menu across them
+and each budget takes the fastest plan. ``expand`` writes the plan's moves as
+one compute order (each block run mapped back to graph ops; the forward phase
+is everything before the first backward move) and :func:`schedule_from_order`
+frees every value at its last use; the result is checked and simulated, and
+the simulated peak is what is reported. Menus first hold what loose budgets
+need and are completed when a budget gets tight. A chain that is the whole
+graph in disguise (no useful cut: U-Net) goes to the whole-graph MILP within
+its time limit. :func:`solve_auto` picks the whole-graph MILP for small
+graphs and this planner otherwise, and falls back to greedy.
 
 Example:
     >>> result = solve_hierarchical(graph, budget_bytes=2**30)    # doctest: +SKIP
@@ -25,17 +30,19 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from numbers import Integral
 
 from .block_graph import BlockGraph, build_block_graph
 from .errors import BudgetInfeasible
 from .graph import Graph
+from .greedy import greedy_schedule, min_feasible_peak_greedy
 from .ilp import ilp_min_feasible_peak, solve_ilp
-from .menus import BlockMenu, MenuSettings, build_menu
+from .menus import BlockMenu, MenuSettings, build_menu, complete_menu
 from .milp import MilpSettings
 from .partition import Chain, partition_chain
-from .rotor import ChainBlock, ChainPlan, chain_peak_bytes, min_chain_budget, solve_chain
 from .recompute import no_remat_schedule
-from .schedule import Schedule, schedule_from_order
+from .rotor import ChainBlock, ChainPlan, chain_peak_bytes, min_chain_budget, solve_chain
+from .schedule import Schedule, schedule_from_order, without_dead_recomputations
 from .simulate import check, simulate
 
 
@@ -60,6 +67,9 @@ class HierarchicalSettings:
             budgets (see :func:`build_menu`); a budget below this fraction of the
             no-remat peak (or one the chain cannot meet) completes them.
         whole_graph_ilp_max_ops: :func:`solve_auto` uses the whole-graph MILP up to this many ops.
+        no_chain_ilp_max_ops: a graph without a useful chain is planned by the
+            whole-graph MILP up to this many ops; beyond, the MILP would only
+            spend its time limit (``solve_auto``'s greedy plans it instead).
         ilp: settings of the whole-graph MILP (also used when a chain has one block).
     """
 
@@ -69,7 +79,8 @@ class HierarchicalSettings:
     max_blocks: int | None = 64
     complete_menus_below: float = 0.75
     whole_graph_ilp_max_ops: int = 90
-    ilp: MilpSettings = field(default_factory=lambda: MilpSettings(time_limit_s=30.0))
+    no_chain_ilp_max_ops: int = 250
+    ilp: MilpSettings = field(default_factory=lambda: MilpSettings(time_limit_s=10.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +150,7 @@ class ChainVariant:
             else:
                 local = menu.forward_only_order
             target.extend(block.op_map[i] for i in local if block.op_map[i] >= 0)
-        return schedule_from_order(graph, forward, backward)
+        return schedule_from_order(graph, forward, without_dead_recomputations(graph, forward, backward))
 
     def upper_bytes(self) -> int:
         """A budget every plan of the DP fits in (sum of every block's largest numbers)."""
@@ -166,6 +177,8 @@ class ChainSolver:
         self.menus: dict[str, BlockMenu] = {}
         self.variants: list[ChainVariant] = []
         self.no_remat_peak_bytes = simulate(graph, no_remat_schedule(graph)).peak_bytes
+        self._minimum: int | None = None
+        self._minimum_plan: tuple[float, Schedule, int, ChainPlan | None, int] | None = None
         seen: set[tuple[int | None, ...]] = set()
         for min_ops in sorted(set(self.settings.granularities)):
             chain = partition_chain(graph, min_block_ops=min_ops, max_blocks=self.settings.max_blocks)
@@ -179,7 +192,7 @@ class ChainSolver:
                 continue
             for block in blocks:
                 if block.key not in self.menus:
-                    self.menus[block.key] = build_menu(block, self.settings.menu, complete=False)
+                    self.menus[block.key] = _shared_menu(block, self.settings.menu, None)
             self.variants.append(ChainVariant(chain, blocks, []))
         self._refresh()
         self.setup_seconds = time.perf_counter() - began
@@ -192,8 +205,14 @@ class ChainSolver:
 
     @property
     def whole_graph(self) -> bool:
-        """Whether some chain is (nearly) the whole graph, so the whole-graph MILP is tried."""
-        return any(not v.chain_blocks for v in self.variants)
+        """Whether every chain is (nearly) the whole graph, so only the whole-graph MILP can plan.
+
+        One useful chain is enough: a coarse chain that merged into one big block
+        adds nothing the fine one lacks, and a whole-graph MILP on hundreds of ops
+        would spend its time limit at every budget.
+        """
+        return all(not v.chain_blocks for v in self.variants) and \
+            self.graph.num_ops <= self.settings.no_chain_ilp_max_ops
 
     @property
     def complete(self) -> bool:
@@ -205,8 +224,7 @@ class ChainSolver:
             return
         blocks = {b.key: b for v in self.variants for b in v.blocks}
         for key in sorted(self.menus):
-            if not self.menus[key].complete:
-                self.menus[key] = build_menu(blocks[key], self.settings.menu, complete=True)
+            self.menus[key] = _shared_menu(blocks[key], self.settings.menu, self.menus[key])
         self._refresh()
 
     @property
@@ -236,6 +254,14 @@ class ChainSolver:
         if best is None and not self.complete:
             self.complete_menus()
             best = self._best_plan(budget_bytes)
+        if best is None or budget_bytes < self.settings.complete_menus_below * self.no_remat_peak_bytes:
+            # Near the minimum, answer exactly as min_feasible_peak() does: refuse below it,
+            # and never fail above it (the DP's rounding is not monotone in the budget).
+            minimum = self.min_feasible_peak()
+            if budget_bytes < minimum:
+                raise BudgetInfeasible(budget_bytes, minimum, method="hierarchical")
+            if best is None:
+                best = self._minimum_plan
         if best is None:
             raise BudgetInfeasible(budget_bytes, max(self.min_feasible_peak(), budget_bytes + 1),
                                    method="hierarchical")
@@ -265,9 +291,27 @@ class ChainSolver:
                     best = (result.time_ms, result.schedule, result.peak_bytes, None, 1)
             except BudgetInfeasible:
                 pass
+        elif not self.usable:  # no chain and too big for the MILP: greedy plans it, one block
+            try:
+                schedule = greedy_schedule(self.graph, budget_bytes)
+                sim = simulate(self.graph, schedule, validate=False)
+                best = (sim.time_ms, schedule, sim.peak_bytes, None, 1)
+            except BudgetInfeasible:
+                pass
         return best
 
+    @property
+    def usable(self) -> bool:
+        """Whether some chain or the whole-graph MILP can plan (else greedy plans, as one block)."""
+        return self.whole_graph or any(v.chain_blocks for v in self.variants)
+
     def min_feasible_peak(self) -> int:
+        """The smallest budget at which :meth:`solve` succeeds (computed once)."""
+        if self._minimum is None:
+            self._minimum = self._find_minimum()
+        return self._minimum
+
+    def _find_minimum(self) -> int:
         """The smallest budget at which :meth:`solve` succeeds (as found).
 
         Per chain: the DP's smallest feasible budget at a coarse resolution,
@@ -291,16 +335,50 @@ class ChainSolver:
                 plan = variant.plan(budget, slots)
                 if plan is not None:
                     schedule = variant.expand(self.graph, self.menus, plan)
-                    peak = simulate(self.graph, schedule, validate=False).peak_bytes
-                    best = min(best, peak if variant.plan(peak, slots) is not None else budget)
+                    sim = simulate(self.graph, schedule, validate=False)
+                    answer = sim.peak_bytes if variant.plan(sim.peak_bytes, slots) is not None else budget
+                    if answer < best:
+                        best = answer
+                        self._minimum_plan = (sim.time_ms, schedule, sim.peak_bytes, plan, len(variant.blocks))
                     break
         if self.whole_graph:
             peak = ilp_min_feasible_peak(self.graph, self.settings.ilp)
-            if peak > 0:
-                best = min(best, peak)
+            if 0 < peak < best:
+                best = peak
+                result = solve_ilp(self.graph, peak, settings=self.settings.ilp)
+                self._minimum_plan = (result.time_ms, result.schedule, result.peak_bytes, None, 1)
+        if not self.usable:
+            best = min_feasible_peak_greedy(self.graph)
+            schedule = greedy_schedule(self.graph, int(best))
+            sim = simulate(self.graph, schedule, validate=False)
+            self._minimum_plan = (sim.time_ms, schedule, sim.peak_bytes, None, 1)
         if math.isfinite(best):
             return int(best)
         return max(v.upper_bytes() for v in self.variants)
+
+
+#: Menus of the blocks seen in this process, by (block key, settings): another
+#: budget, another Rockmate of the same model, or a model sharing layer shapes
+#: re-solves no block. Bounded; the oldest entries go first.
+_MENUS: dict[tuple[str, MenuSettings], BlockMenu] = {}
+_MENUS_MAX = 512
+
+
+def clear_menu_cache() -> None:
+    """Forget the process's block menus (benchmarks measure cold planning with it)."""
+    _MENUS.clear()
+
+
+def _shared_menu(block: BlockGraph, settings: MenuSettings, loose: BlockMenu | None) -> BlockMenu:
+    """The loose menu of ``block`` (``loose`` None) or its completion, from the process cache when there."""
+    cached = _MENUS.get((block.key, settings))
+    if cached is not None and (loose is None or cached.complete):
+        return cached
+    menu = build_menu(block, settings, complete=False) if loose is None else complete_menu(block, loose, settings)
+    if len(_MENUS) >= _MENUS_MAX:
+        del _MENUS[next(iter(_MENUS))]
+    _MENUS[(block.key, settings)] = menu
+    return menu
 
 
 #: A chain whose largest block holds this fraction of the ops is the whole graph in
@@ -331,15 +409,15 @@ def solve_hierarchical(graph: Graph, budget_bytes: int,
     Raises:
         BudgetInfeasible: no plan fits (the error names the smallest peak reached).
     """
-    if not isinstance(budget_bytes, int) or budget_bytes < 0:
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, Integral) or budget_bytes < 0:
         raise ValueError(f"budget_bytes must be an int >= 0, got {budget_bytes!r}")
     began = time.perf_counter()
-    result = chain_solver(graph, settings).solve(budget_bytes)
+    result = chain_solver(graph, settings).solve(int(budget_bytes))
     return dataclasses.replace(result, solve_seconds=time.perf_counter() - began)
 
 
 def hierarchical_min_feasible_peak(graph: Graph, settings: HierarchicalSettings | None = None) -> int:
-    """The smallest simulated peak of a hierarchical schedule of ``graph``."""
+    """The smallest budget :func:`solve_hierarchical` meets on ``graph``."""
     return chain_solver(graph, settings).min_feasible_peak()
 
 
@@ -352,8 +430,6 @@ def solve_auto(graph: Graph, budget_bytes: int, settings: HierarchicalSettings |
         BudgetInfeasible: nothing fits; ``min_feasible_bytes`` is the smallest
             peak any of the planners reached.
     """
-    from .greedy import greedy_schedule, min_feasible_peak_greedy
-
     settings = settings if settings is not None else HierarchicalSettings()
     minimums: list[int] = []
     candidates: list[tuple[float, Schedule]] = []
@@ -378,3 +454,11 @@ def solve_auto(graph: Graph, budget_bytes: int, settings: HierarchicalSettings |
     if not fitting:
         raise BudgetInfeasible(budget_bytes, min(minimums) if minimums else budget_bytes + 1, method="auto")
     return min(fitting, key=lambda c: c[0])[1]
+
+
+def hybrid_min_feasible_peak(graph: Graph, settings: HierarchicalSettings | None = None) -> int:
+    """The smallest budget :func:`solve_auto` meets (the planner it would use, or greedy)."""
+    settings = settings if settings is not None else HierarchicalSettings()
+    if graph.num_ops <= settings.whole_graph_ilp_max_ops:
+        return ilp_min_feasible_peak(graph, settings.ilp)  # solve_ilp falls back to greedy itself
+    return min(hierarchical_min_feasible_peak(graph, settings), min_feasible_peak_greedy(graph))

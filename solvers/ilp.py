@@ -23,16 +23,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import numpy as np
 
+from .contract import Contraction, contract_views
 from .errors import BudgetInfeasible
 from .graph import Graph
 from .ilp_model import (Formulation, accounting_peak_bytes, build_formulation, order_from_stages,
                         stages_from_solution)
+from .greedy import greedy_schedule, min_feasible_peak_greedy
 from .milp import MilpModel, MilpSettings, MilpSolver
-from .schedule import Schedule, schedule_from_order
-from .simulate import check, simulate
+from .recompute import no_remat_schedule
+from .schedule import Schedule, schedule_from_order, without_dead_recomputations
+from .simulate import SimulationResult, check, simulate
 
 #: When a solution's simulated peak exceeds the budget (solver tolerances are
 #: about 1e-7 of the model's memory unit), the budget is shrunk by this
@@ -88,13 +92,15 @@ class RematIlp:
 
     graph: Graph
     settings: MilpSettings = field(default_factory=MilpSettings)
+    contraction: Contraction = field(init=False)
     form: Formulation = field(init=False)
     solver: MilpSolver = field(init=False)
     last_values: np.ndarray | None = field(init=False, default=None)
     last_min_peak_schedule: Schedule | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.form = build_formulation(self.graph)
+        self.contraction = contract_views(self.graph)  # the MILP sees views folded into their makers
+        self.form = build_formulation(self.contraction.graph)
         self.solver = MilpSolver(self.form.model, self.settings)
 
     def _set_budgets(self, budget_bytes: float, kept_budget_bytes: float | None) -> None:
@@ -130,10 +136,13 @@ class RematIlp:
 
     def schedule_of(self, stages: list[list[int]]) -> Schedule:
         forward, backward = order_from_stages(self.form.layout, stages)
-        return schedule_from_order(self.graph, forward, backward)
+        expand = self.contraction.expand
+        forward, backward = expand(forward), expand(backward)
+        # The MILP is indifferent to zero-cost dead recomputations (a buffer's update): drop them.
+        return schedule_from_order(self.graph, forward, without_dead_recomputations(self.graph, forward, backward))
 
     def predicted_peak_bytes(self, stages: list[list[int]]) -> int:
-        return accounting_peak_bytes(self.graph, self.form.layout, stages)
+        return accounting_peak_bytes(self.contraction.graph, self.form.layout, stages)
 
     def min_peak_bytes(self) -> tuple[int, bool]:
         """The smallest peak the MILP can reach: (simulated peak of its schedule, proved optimal).
@@ -180,12 +189,22 @@ def solve_ilp(
         BudgetInfeasible: neither the MILP nor any fallback fits the budget;
             ``min_feasible_bytes`` is the smallest peak the MILP can reach.
     """
-    if not isinstance(budget_bytes, (int, np.integer)) or budget_bytes < 0:
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, Integral) or budget_bytes < 0:
         raise ValueError(f"budget_bytes must be an int >= 0, got {budget_bytes!r}")
+    budget_bytes = int(budget_bytes)
     began = time.perf_counter()
     settings = settings if settings is not None else MilpSettings()
     candidates = _known_schedules(graph, budget_bytes, kept_budget_bytes, fallback, use_greedy)
+    smallest = _min_peak_cache(graph, settings).get("schedule")
+    if smallest is not None:  # the MILP's smallest-peak schedule, when an earlier call found it
+        sim = simulate(graph, smallest)
+        if sim.peak_bytes <= budget_bytes and (kept_budget_bytes is None
+                                               or sim.live_after_forward_bytes <= kept_budget_bytes):
+            candidates.append(("ilp_min_peak", sim, smallest))
     best = min(candidates, key=lambda c: (c[1].time_ms, c[1].peak_bytes)) if candidates else None
+    cache = _min_peak_cache(graph, settings)
+    if best is None and cache.get("proved") and budget_bytes < cache["peak"]:
+        raise BudgetInfeasible(budget_bytes, cache["peak"], method="ilp")  # below the proved minimum
     if best is not None and best[0] == "no_remat":
         sim = best[1]
         return IlpResult(best[2], sim.time_ms, sim.peak_bytes, sim.live_after_forward_bytes, sim.time_ms,
@@ -213,10 +232,12 @@ def solve_ilp(
             break
     bound = max(lp_bound, mip_bound)
     if best is None:
-        if status == "infeasible" or math.isinf(bound):
-            min_peak, _ = ilp.min_peak_bytes()
-            raise BudgetInfeasible(budget_bytes, max(min_peak, budget_bytes + 1), method="ilp")
-        raise BudgetInfeasible(budget_bytes, budget_bytes + 1, method="ilp (no solution within the time limit)")
+        minimum = ilp_min_feasible_peak(graph, settings)
+        if minimum <= budget_bytes:  # the time limit struck; the smallest-peak schedule fits
+            schedule = _min_peak_cache(graph, settings)["schedule"]
+            best = ("ilp_min_peak", simulate(graph, schedule), schedule)
+        else:
+            raise BudgetInfeasible(budget_bytes, minimum, method="ilp")
     source, sim, schedule = best
     optimal = status == "optimal" or (status == "infeasible" and cutoff is not None)
     if source != "ilp":
@@ -227,11 +248,8 @@ def solve_ilp(
 
 
 def _known_schedules(graph: Graph, budget_bytes: int, kept_budget_bytes: int | None,
-                     fallback: Schedule | None, use_greedy: bool) -> list[tuple[str, object, Schedule]]:
+                     fallback: Schedule | None, use_greedy: bool) -> list[tuple[str, SimulationResult, Schedule]]:
     """Schedules known without the MILP that fit: (source, simulation, schedule)."""
-    from .greedy import greedy_schedule  # local: keeps this module importable on its own
-    from .recompute import no_remat_schedule
-
     found = []
     makers = [("no_remat", lambda: no_remat_schedule(graph))]
     if use_greedy:
@@ -251,6 +269,21 @@ def _known_schedules(graph: Graph, budget_bytes: int, kept_budget_bytes: int | N
 
 
 def ilp_min_feasible_peak(graph: Graph, settings: MilpSettings | None = None) -> int:
-    """The smallest simulated peak of a schedule the MILP finds (its optimum when proved)."""
-    peak, _ = RematIlp(graph, settings if settings is not None else MilpSettings()).min_peak_bytes()
-    return peak
+    """The smallest budget :func:`solve_ilp` meets: the MILP's smallest peak (its optimum
+    when proved within the time limit), or greedy's when lower. Computed once per graph."""
+    cache = _min_peak_cache(graph, settings if settings is not None else MilpSettings())
+    if "peak" not in cache:
+        ilp = RematIlp(graph, settings if settings is not None else MilpSettings())
+        peak, proved = ilp.min_peak_bytes()
+        greedy = min_feasible_peak_greedy(graph)
+        if peak > 0 and ilp.last_min_peak_schedule is not None:
+            cache["schedule"] = ilp.last_min_peak_schedule
+        cache["peak"] = min(greedy, peak) if peak > 0 else greedy
+        cache["proved"] = proved
+    return int(cache["peak"])
+
+
+def _min_peak_cache(graph: Graph, settings: MilpSettings | None) -> dict:
+    # NOTE: [Solver cache] the graph is immutable: its MILP minimum is memoized on it, so
+    # solve_ilp and ilp_min_feasible_peak give the same answer every time (time limits aside).
+    return graph._cache.setdefault(("solvers.ilp.min_peak", settings or MilpSettings()), {})

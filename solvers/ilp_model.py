@@ -327,7 +327,7 @@ def build_formulation(graph: Graph, layout: StageLayout | None = None) -> Formul
     for t in range(n):
         active = [k for k in range(t + 1) if lay.can_run(t, k)]
         frees: dict[int, list[tuple[int, float]]] = {k: [] for k in active}
-        for r, users in lay.group_users.items():
+        for r, readers in lay.group_users.items():
             size = graph.allocated_bytes(r) / scale
             p = lay.producer_stage[r]
             if size == 0 or not p <= t <= lay.need_until[r]:
@@ -335,9 +335,9 @@ def build_formulation(graph: Graph, layout: StageLayout | None = None) -> Formul
             if (t == lay.n_forward - 1 and r in lay.forward_output_roots) or (
                     t == n - 1 and r in lay.required_roots):
                 continue
-            candidates = [k for k in (p, *users) if k <= t and lay.can_run(t, k)]
+            candidates = [k for k in (p, *readers) if k <= t and lay.can_run(t, k)]
             for k in sorted(set(candidates)):
-                later = [j for j in users if k < j <= t and lay.can_run(t, j)]
+                later = [j for j in readers if k < j <= t and lay.can_run(t, j)]
                 if any(lay.fixed_one(t, j) for j in later):
                     continue
                 free = model.add_column(0, 1, integer=True)
@@ -354,6 +354,7 @@ def build_formulation(graph: Graph, layout: StageLayout | None = None) -> Formul
                 elif c2:
                     model.add_row([free, *c2], [1.0, *f2], upper=1.0)
         previous: int | None = None
+        previous_k = -1
         for k in active:
             u = model.add_column(0, math.inf)
             u_cols.append((u, t, k))
@@ -418,31 +419,6 @@ def stages_from_solution(form: Formulation, values: np.ndarray) -> list[list[int
             if lay.fixed_one(t, k) or ((t, k) in form.r_columns and values[form.r_columns[(t, k)]] > 0.5):
                 stages[t].append(k)
     return stages
-
-
-def solution_from_stages(form: Formulation, stages: list[list[int]], budget_units: float,
-                         kept_units: float) -> np.ndarray | None:
-    """Column values encoding ``stages`` with minimal keeping, or None if the model cannot express it.
-
-    Used as a MIP start; the solver checks the memory rows itself (FREE and U are
-    left for it to complete, so only R and S are set here and the rest is 0).
-    """
-    lay = form.layout
-    x = np.zeros(form.model.num_columns)
-    for t, ks in enumerate(stages):
-        for k in ks:
-            if (t, k) in form.r_columns:
-                x[form.r_columns[(t, k)]] = 1.0
-            elif not lay.fixed_one(t, k):
-                return None
-    keep = kept_sets(lay, stages)
-    for t in range(1, lay.n_stages):
-        for v in keep[t]:
-            if (t, v) in form.s_columns:
-                x[form.s_columns[(t, v)]] = 1.0
-    x[form.budget_column] = budget_units
-    x[form.kept_column] = kept_units
-    return x
 
 
 def kept_sets(lay: StageLayout, stages: list[list[int]]) -> list[set[int]]:

@@ -1,11 +1,15 @@
 """Per-block option menus: Pareto sets of (time, forward peak, kept bytes, backward peak).
 
 For one :class:`~solvers.block_graph.BlockGraph`, :func:`build_menu` solves the
-block's MILP on a grid of (peak budget, kept-after-forward budget) pairs,
-adds the no-remat schedule and greedy schedules at the same peaks, simulates
-every schedule on the block graph, and keeps the options no other option
-beats on all four numbers. It also measures the *forward-only* run (the block
-output from its input, keeping nothing) used by the chain's checkpoint moves.
+block's MILP on a grid of (peak budget, kept-after-forward budget) pairs (a
+sweep of kept budgets at the no-remat peak, a coarser grid at lower peaks),
+adds the no-remat schedule, greedy schedules at the same peaks and a greedy
+trajectory that lowers the kept bytes, simulates every schedule on the block
+graph, and keeps the options no other option beats on all four numbers. A
+MILP solve is skipped when an optimum found at a looser pair already fits.
+It also measures the *forward-only* run (the block output from its input,
+keeping nothing) used by the chain's checkpoint moves, and a *tail* menu
+(schedules that need not make the block output).
 
 Example:
     >>> menu = build_menu(build_block_graph(chain, 2))            # doctest: +SKIP
@@ -24,9 +28,9 @@ from .block_graph import BlockGraph
 from .errors import BudgetInfeasible
 from .graph import Graph
 from .greedy import greedy_schedule, min_feasible_peak_greedy
-from .recompute import build_remat_schedule, no_remat_schedule
 from .ilp import RematIlp
 from .milp import MilpSettings
+from .recompute import build_remat_schedule, no_remat_schedule
 from .rotor import ChainBlock, ChainOption
 from .schedule import Schedule, schedule_from_order
 from .simulate import check, simulate
@@ -53,15 +57,15 @@ class MenuSettings:
 
     peak_levels: int = 4
     kept_levels: int = 3
-    kept_sweep: int = 8
+    kept_sweep: int = 4
     use_ilp: bool = True
     max_ilp_ops: int = 250
-    max_ilp_solves: int = 20
+    max_ilp_solves: int = 10
     large_block_ops: int = 32
-    large_block_solves: int = 8
+    large_block_solves: int = 5
     # Menu models are small and solved many times: HiGHS's presolve costs more than it saves.
     ilp: MilpSettings = field(default_factory=lambda: MilpSettings(
-        time_limit_s=5.0, mip_rel_gap=1e-3, highs_options=(("presolve", "off"),)))
+        time_limit_s=0.5, mip_rel_gap=1e-2, highs_options=(("presolve", "off"),)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,20 +183,46 @@ def build_menu(block: BlockGraph, settings: MenuSettings | None = None, *, compl
     completes the menu when a budget gets tight.
     """
     settings = settings if settings is not None else MenuSettings()
-    options = _menu_options(block, settings, complete)
-    tail_options: tuple[BlockOption, ...] = ()
-    if block.output_local is not None and any(op.is_backward for op in block.graph.ops):
-        tail_graph = dataclasses.replace(block.graph, forward_outputs=(), _cache={})
-        tail_block = dataclasses.replace(block, graph=tail_graph, output_local=None)
-        tail_options = _menu_options(tail_block, settings, complete)
+    part = "all" if complete else "loose"
+    options = _menu_options(block, settings, part)
+    tail_block = _tail_block(block)
+    tail_options = _menu_options(tail_block, settings, part) if tail_block is not None else ()
     forward_only = _forward_only_run(block)
     single_run = any(not op.recomputable and not _synthetic(block, i) for i, op in enumerate(block.graph.ops)
                      if not op.is_backward)
     return BlockMenu(options, tail_options, *forward_only, single_run, complete)
 
 
-def _menu_options(block: BlockGraph, settings: MenuSettings, complete: bool) -> tuple[BlockOption, ...]:
+def complete_menu(block: BlockGraph, menu: BlockMenu, settings: MenuSettings | None = None) -> BlockMenu:
+    """``menu`` (built without ``complete``) with the options of tight budgets added.
+
+    Solves only what the loose menu lacks: the block's smallest peak, the
+    lower peak levels and the tail runs' grid; the loose options are kept.
+    """
+    if menu.complete:
+        return menu
+    settings = settings if settings is not None else MenuSettings()
+    options = _pareto([*menu.options, *_menu_options(block, settings, "tight")])
+    tail_block = _tail_block(block)
+    tail = menu.tail_options
+    if tail_block is not None:
+        tail = _pareto([*tail, *_menu_options(tail_block, settings, "tight")])
+    return dataclasses.replace(menu, options=options, tail_options=tail, complete=True)
+
+
+def _tail_block(block: BlockGraph) -> BlockGraph | None:
+    """The block graph without forward outputs (its last run in a backward span), if it has a backward."""
+    if block.output_local is None or not any(op.is_backward for op in block.graph.ops):
+        return None
+    tail_graph = dataclasses.replace(block.graph, forward_outputs=(), _cache={})
+    return dataclasses.replace(block, graph=tail_graph, output_local=None)
+
+
+def _menu_options(block: BlockGraph, settings: MenuSettings, part: str) -> tuple[BlockOption, ...]:
+    """Options of ``part``: "loose" (kept sweep at the top peak, greedy), "tight" (smallest
+    peak and lower peak levels), or "all"."""
     graph = block.graph
+    complete = part != "loose"
     found: dict[tuple[tuple[int, ...], tuple[int, ...]], BlockOption] = {}
 
     def add(schedule: Schedule, source: str) -> BlockOption:
@@ -210,7 +240,9 @@ def _menu_options(block: BlockGraph, settings: MenuSettings, complete: bool) -> 
         use_ilp = settings.use_ilp and graph.num_ops <= settings.max_ilp_ops
         use_ilp = use_ilp and (complete or bool(graph.forward_outputs))
         ilp = RematIlp(graph, settings.ilp) if use_ilp else None
-        if ilp is not None and complete:
+        # A tail run's smallest peak comes from greedy: its MILP minimum costs a solve per
+        # block and the chain rarely needs it (the tail runs once, at the end of a span).
+        if ilp is not None and complete and graph.forward_outputs:
             low_ilp, _ = ilp.min_peak_bytes()
             if low_ilp > 0:
                 low_peak = min(low_peak, low_ilp)
@@ -222,10 +254,10 @@ def _menu_options(block: BlockGraph, settings: MenuSettings, complete: bool) -> 
                 add(greedy_schedule(graph, peak), "greedy")
             except BudgetInfeasible:
                 pass
-        if graph.forward_outputs:
+        if graph.forward_outputs and part != "tight":
             _kept_greedy(block, add)
         if ilp is not None:
-            _ilp_grid(block, ilp, peaks if complete else peaks[:1], settings, add)
+            _ilp_grid(block, ilp, peaks if complete else peaks[:1], settings, add, sweep=part != "tight")
     return _pareto(list(found.values()))
 
 
@@ -267,7 +299,7 @@ def _kept_greedy(block: BlockGraph, add: Callable[[Schedule, str], BlockOption],
 
 
 def _ilp_grid(block: BlockGraph, ilp: RematIlp, peaks: list[int], settings: MenuSettings,
-              add: Callable[[Schedule, str], BlockOption]) -> None:
+              add: Callable[[Schedule, str], BlockOption], *, sweep: bool = True) -> None:
     """Solve the MILP at every (peak, kept) pair of the grid, loose budgets first.
 
     A pair is skipped when a schedule proved optimal at a looser pair already
@@ -276,11 +308,12 @@ def _ilp_grid(block: BlockGraph, ilp: RematIlp, peaks: list[int], settings: Menu
     """
     graph = block.graph
     no_remat = simulate(graph, no_remat_schedule(graph))
-    kept_levels: list[int | None] = [None]
+    kept_grid: list[int] = []
     if graph.forward_outputs and settings.kept_levels > 1:
         all_forward = [v for op in graph.ops if not op.is_backward for v in op.outputs]
         kept_low = simulate(graph, build_remat_schedule(graph, all_forward)).live_after_forward_bytes
-        kept_levels = list(_levels(kept_low, no_remat.live_after_forward_bytes, settings.kept_levels))
+        kept_grid = _levels(kept_low, no_remat.live_after_forward_bytes, settings.kept_levels)
+    kept_levels: list[int | None] = [*kept_grid] if kept_grid else [None]
     proved: list[tuple[int, float, int, int]] = [  # (peak budget, kept budget, peak, kept) of optima
         (no_remat.peak_bytes, math.inf, no_remat.peak_bytes, no_remat.live_after_forward_bytes)]
     solves_left = [settings.large_block_solves if graph.num_ops > settings.large_block_ops
@@ -310,8 +343,10 @@ def _ilp_grid(block: BlockGraph, ilp: RematIlp, peaks: list[int], settings: Menu
     if len(peaks) > 1:
         solve(peaks[-1], None)  # the fastest schedule at the block's smallest peak, first
     for level, peak in enumerate(peaks):
-        if level == 0 and len(kept_levels) > 1:
-            low, kept = kept_levels[-1], kept_levels[0]
+        if level == 0 and not sweep:
+            continue
+        if level == 0 and len(kept_grid) > 1:
+            low, kept = kept_grid[-1], kept_grid[0]
             sweep = min(settings.kept_sweep, max(1, solves_left[0] // 2))
             step = max(1, (kept - low) // sweep)
             for _ in range(sweep):
@@ -322,8 +357,8 @@ def _ilp_grid(block: BlockGraph, ilp: RematIlp, peaks: list[int], settings: Menu
                 if kept < low:
                     break
             continue
-        for kept in kept_levels:
-            status, _ = solve(peak, kept)
+        for level_kept in kept_levels:
+            status, _ = solve(peak, level_kept)
             if status == "infeasible":
                 break  # tighter kept budgets are infeasible too
 

@@ -43,7 +43,7 @@ try:  # highspy is optional: PuLP+CBC is the fallback.
 
     HAVE_HIGHS = True
 except ImportError:  # pragma: no cover - depends on the environment
-    highspy = None
+    highspy = None  # type: ignore[assignment]
     HAVE_HIGHS = False
 
 Backend = Literal["auto", "highs", "pulp"]
@@ -156,7 +156,7 @@ class MilpModel:
             keep = np.ones(len(rows), dtype=bool)
             keep[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
             group = np.cumsum(keep) - 1
-            vals = np.bincount(group, weights=vals)
+            vals = np.bincount(group, weights=vals).astype(np.float64)
             rows, cols = rows[keep], cols[keep]
         starts = np.searchsorted(rows, np.arange(self.num_rows + 1)).astype(np.int32)
         return starts, cols.astype(np.int32), vals
@@ -204,7 +204,8 @@ class MilpSolver:
         assert h is not None, "highs backend without an instance"
         n = self.model.num_columns
         integrality = np.asarray(self.model.integer, dtype=bool)
-        kinds = np.where(integrality & ~relax, highspy.HighsVarType.kInteger, highspy.HighsVarType.kContinuous)
+        integer = integrality & (not relax)
+        kinds = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in integer]
         h.changeColsIntegrality(n, np.arange(n, dtype=np.int32), np.asarray(kinds))
         h.setOptionValue("objective_bound", math.inf if cutoff is None else float(cutoff))
         h.clearSolver()

@@ -12,9 +12,13 @@ read only residents (``t(W)`` before an ``mm``, a causal mask, position ids)
 would otherwise look like sources feeding every layer and leave no cut.
 Values computed from residents by a few cheap, recomputable ops
 (:data:`REPLICATE_MAX_OPS`, :data:`REPLICATE_MAX_TIME_FRACTION` of the forward
-time) are *replicated*: every block that reads one recomputes it inside its
-own schedule. That is safe for memory: whichever block's instance is live,
-the block holding it counts it.
+time) are left out of the dataflow. Afterwards, one that allocates and is
+read by one or two neighbouring blocks (the token embedding: data, not a
+parameter, though the IR cannot tell) goes back into the dataflow and the
+cuts are recomputed; one read by a single block joins it; the others (a mask
+read by every layer, views of tied weights) are *replicated*: every block
+that reads one recomputes it inside its own schedule. That is safe for
+memory: whichever block's instance is live, the block holding it counts it.
 
 Backward ops join blocks by dataflow: an op reading an internal forward value
 of block ``b`` belongs to ``b``; the others (gradient sums, activation
@@ -34,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import networkx as nx
@@ -41,7 +46,7 @@ import networkx as nx
 from .graph import Graph
 
 #: Largest ancestor closure (ops) of a replicated value.
-REPLICATE_MAX_OPS = 8
+REPLICATE_MAX_OPS = 64
 #: Largest time of a replicated value's closure, as a fraction of the forward time.
 REPLICATE_MAX_TIME_FRACTION = 0.02
 
@@ -154,16 +159,16 @@ def find_cut_values(graph: Graph, replicated: set[int]) -> list[int]:
     outputs = [v for v in graph.forward_outputs if v in dag]
     if not outputs:
         return []
-    for v in outputs:
-        dag.add_edge(v, sink)
     dominators = nx.immediate_dominators(dag, source)
-    if sink not in dominators:
-        return []
-    cuts = []
-    node = dominators[sink]
-    while node != source:
-        cuts.append(node)
-        node = dominators[node]
+    # The cuts of the output with the longest dominator chain (the loss): the other forward
+    # outputs (BatchNorm's new running statistics, an auxiliary head) branch off inside blocks.
+    cuts: list[int] = []
+    for output in outputs:
+        chain = [output]
+        while chain[-1] != source:
+            chain.append(dominators[chain[-1]])
+        if len(chain) - 2 > len(cuts):
+            cuts = chain[1:-1]
     return sorted(cuts, key=lambda v: values[v].producer)  # type: ignore[arg-type, return-value]
 
 
@@ -180,19 +185,17 @@ def partition_chain(graph: Graph, *, min_block_ops: int = 1, max_blocks: int | N
         max_blocks: coarsen further (doubling ``min_block_ops``) until at most
             this many blocks remain; None for no limit.
     """
-    candidates = replicable_ops(graph)
-    outputs = set(graph.forward_outputs)
-    while True:
-        cuts = [c for c in find_cut_values(graph, candidates) if c not in outputs]
-        while True:
-            block_of, replicated, violations = _assign(graph, candidates, cuts)
-            if not violations:
-                break
-            cuts = _merge(cuts, violations)
-        local = _local_activations(graph, candidates, block_of)
-        if not local:
-            break
-        candidates -= local  # back into the dataflow: they may be cuts themselves (the embedding)
+    # Two ways of placing backward ops; each can leave reads that merge blocks where the
+    # other does not (a residual stream's gradient sums, a ReLU block's backward), so both
+    # are tried and the chain whose largest block is smallest wins.
+    best: tuple[int, int, list[int], dict[int, int], set[int], set[int], str] | None = None
+    for rule in ("windows", "lowest"):
+        cuts, candidates, block_of, replicated = _cut(graph, rule)
+        largest = max(Counter(block_of.values()).values(), default=0)
+        if best is None or (largest, -len(cuts)) < best[:2]:
+            best = (largest, -len(cuts), cuts, block_of, replicated, candidates, rule)
+    assert best is not None
+    _, _, cuts, block_of, replicated, candidates, rule = best
     target = max(1, min_block_ops)
     while True:
         coarse = _coarsen(cuts, block_of, target)
@@ -201,9 +204,26 @@ def partition_chain(graph: Graph, *, min_block_ops: int = 1, max_blocks: int | N
         target *= 2
     if coarse != cuts:
         cuts = coarse
-        block_of, replicated, violations = _assign(graph, candidates, cuts)
+        block_of, replicated, violations = _assign(graph, candidates, cuts, rule)
         assert not violations, "merging neighbouring blocks cannot create forbidden reads"
     return _build_chain(graph, replicated, cuts, block_of)
+
+
+def _cut(graph: Graph, rule: str) -> tuple[list[int], set[int], dict[int, int], set[int]]:
+    """Cuts, replication candidates, block of every op and replicated ops, with backward ops placed by ``rule``."""
+    candidates = replicable_ops(graph)
+    outputs = set(graph.forward_outputs)
+    while True:
+        cuts = [c for c in find_cut_values(graph, candidates) if c not in outputs]
+        while True:
+            block_of, replicated, violations = _assign(graph, candidates, cuts, rule)
+            if not violations:
+                break
+            cuts = _merge(cuts, violations)
+        local = _local_activations(graph, candidates, block_of)
+        if not local:
+            return cuts, candidates, block_of, replicated
+        candidates -= local  # back into the dataflow: they may be cuts themselves (the embedding)
 
 
 def _local_activations(graph: Graph, candidates: set[int], block_of: dict[int, int]) -> set[int]:
@@ -225,8 +245,10 @@ def _local_activations(graph: Graph, candidates: set[int], block_of: dict[int, i
     for i in sorted(candidates):
         if not allocates[i]:
             continue
+        if any(u in candidates for v in graph.ops[i].outputs for u in graph.users(v)):
+            continue  # other candidates read it: back in the dataflow it would pin them to one block
         readers = {block_of[u] for v in graph.ops[i].outputs for u in graph.users(v) if u in block_of}
-        if len(readers) <= 2:
+        if len(readers) == 2:  # one reader: it joins that block; none: it goes where its readers go
             local.add(i)
     return local
 
@@ -250,7 +272,7 @@ def _coarsen(cuts: list[int], block_of: dict[int, int], min_ops: int) -> list[in
     return kept
 
 
-def _assign(graph: Graph, candidates: set[int], cuts: list[int]
+def _assign(graph: Graph, candidates: set[int], cuts: list[int], rule: str
             ) -> tuple[dict[int, int], set[int], list[tuple[int, int]]]:
     """Block of every non-replicated op, the replicated ops, and the block pairs of forbidden reads."""
     ops, values = graph.ops, graph.values
@@ -261,7 +283,10 @@ def _assign(graph: Graph, candidates: set[int], cuts: list[int]
     for i, op in enumerate(ops):
         if op.is_backward or i in candidates:
             continue
-        after = [cut_index[v] + 1 if v in cut_index else block_of[values[v].producer]  # type: ignore[index]
+        # A view of a cut that only the backward reads (a ReLU output's detach, saved for its
+        # backward) stays with the block that made the cut; other readers of cut j are block j+1.
+        saved_view = _saved_view(graph, i)
+        after = [cut_index[v] + (not saved_view) if v in cut_index else block_of[values[v].producer]  # type: ignore[index]
                  for v in op.inputs if values[v].producer in block_of]
         if after:
             block_of[i] = max(after)
@@ -277,10 +302,11 @@ def _assign(graph: Graph, candidates: set[int], cuts: list[int]
             block_of[i] = readers.pop()
         else:
             replicated.add(i)
-    _assign_backward(graph, replicated, cut_index, block_of, n_blocks)
+    place = _assign_backward_windows if rule == "windows" else _assign_backward_lowest
+    place(graph, replicated, cut_index, block_of, n_blocks)
     for i in reversed(floating):  # sources off the forward-output paths: the first block reading them
-        readers = [block_of[u] for v in ops[i].outputs for u in graph.users(v) if u in block_of]
-        block_of[i] = min(readers) if readers else n_blocks - 1
+        reading = [block_of[u] for v in ops[i].outputs for u in graph.users(v) if u in block_of]
+        block_of[i] = min(reading) if reading else n_blocks - 1
     violations = []
     for k, op in enumerate(ops):
         if k not in block_of:
@@ -294,6 +320,14 @@ def _assign(graph: Graph, candidates: set[int], cuts: list[int]
             if not _allowed(graph, k, v, a, b, cut_index):
                 violations.append((min(a, b), max(a, b)))
     return block_of, replicated, sorted(set(violations))
+
+
+def _saved_view(graph: Graph, op_index: int) -> bool:
+    """A view op whose outputs only backward ops read, directly or through more views (``detach``)."""
+    op = graph.ops[op_index]
+    if not op.outputs or any(graph.values[w].view_of is None for w in op.outputs):
+        return False
+    return all(graph.ops[u].is_backward or _saved_view(graph, u) for w in op.outputs for u in graph.users(w))
 
 
 def _on_path(graph: Graph, op_index: int) -> bool:
@@ -312,7 +346,7 @@ def _on_path(graph: Graph, op_index: int) -> bool:
     return False
 
 
-def _assign_backward(graph: Graph, replicated: set[int], cut_index: dict[int, int],
+def _assign_backward_windows(graph: Graph, replicated: set[int], cut_index: dict[int, int],
                      block_of: dict[int, int], n_blocks: int) -> None:
     """Backward ops: a window of blocks per op, narrowed until every gradient edge is legal.
 
@@ -377,6 +411,42 @@ def _assign_backward(graph: Graph, replicated: set[int], cut_index: dict[int, in
         narrow([k])
 
 
+def _assign_backward_lowest(graph: Graph, replicated: set[int], cut_index: dict[int, int],
+                     block_of: dict[int, int], n_blocks: int) -> None:
+    """Backward ops, in graph order: the block of the forward values they read, else of their gradients.
+
+    An op reading an internal forward value of block ``a`` is pinned to ``a``
+    (the latest such block when it reads several); one reading cut ``j`` (the
+    output of block ``j``) goes to ``j`` (a ReLU's backward reads its output). An op reading only gradients goes to the lowest
+    block among their producers: gradients flow down the chain, so the sum of
+    a gradient of block ``b + 1`` and one of block ``b`` (a residual stream's)
+    is block ``b``'s work. Input ops (output gradients) go to the last block.
+    Reads this leaves illegal are the caller's to check: it merges the blocks
+    they span (the LM head's chain of one-view blocks, typically).
+    """
+    ops, values = graph.ops, graph.values
+    for k, op in enumerate(ops):
+        if not op.is_backward:
+            continue
+        anchors: list[int] = []
+        cut_reads: list[int] = []
+        gradients: list[int] = []
+        for v in op.inputs:
+            p = values[v].producer
+            if p is None or p in replicated or p not in block_of:
+                continue
+            if ops[p].is_backward:
+                gradients.append(block_of[p])
+            elif v in cut_index:
+                cut_reads.append(cut_index[v])
+            else:
+                anchors.append(block_of[p])
+        if op.is_input or not (anchors or cut_reads or gradients):
+            block_of[k] = n_blocks - 1
+        else:
+            block_of[k] = max(anchors) if anchors else min(cut_reads) if cut_reads else min(gradients)
+
+
 def _allowed(graph: Graph, reader: int, value: int, a: int, b: int, cut_index: dict[int, int]) -> bool:
     """Whether op ``reader`` in block ``b`` may read ``value`` made in block ``a``."""
     producer_backward = graph.ops[graph.values[value].producer].is_backward  # type: ignore[index]
@@ -430,8 +500,9 @@ def _build_chain(graph: Graph, replicated: set[int], cuts: list[int], block_of: 
                 (held_inputs if held else grad_inputs)[b].add(v)
     for b in range(n_blocks):
         forward[b] |= _replicas_needed(graph, replicated, forward[b] | set(backward[b]))
-    roots = {graph.storage_root(v) for v in graph.forward_outputs if values[v].producer is not None
-             and values[v].producer not in replicated and block_of[values[v].producer] < n_blocks - 1}
+    makers = {v: values[v].producer for v in graph.forward_outputs}
+    roots = {graph.storage_root(v) for v, p in makers.items()
+             if p is not None and p not in replicated and block_of[p] < n_blocks - 1}
     static = sum(graph.allocated_bytes(r) for r in sorted(roots))
     blocks = tuple(
         Block(

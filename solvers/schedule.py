@@ -113,6 +113,34 @@ def schedule_from_order(
     return Schedule(tuple(forward), tuple(backward))
 
 
+def without_dead_recomputations(graph: Graph, forward: Sequence[int], backward: Sequence[int]) -> list[int]:
+    """``backward`` without the recomputations whose outputs nothing after them reads.
+
+    A planner that replays a whole block (the hierarchical one) or ignores
+    zero-cost ops (the MILP) may recompute ops that only make forward outputs
+    (BatchNorm's ``num_batches_tracked + 1``) or values nothing reads again.
+    Besides wasting time, replaying a buffer update reads the buffer after the
+    step mutated it. Only a *re*computation goes: an op's first run stays.
+    """
+    ran = set(forward)
+    first_run = set()
+    for pos, k in enumerate(backward):
+        if k not in ran:
+            first_run.add(pos)
+            ran.add(k)
+    # A value kept to the end that the forward already made needs no second instance.
+    needed = {v for v in graph.required_at_end if graph.values[v].producer not in set(forward)}
+    kept: list[int] = []
+    for pos in range(len(backward) - 1, -1, -1):
+        op = graph.ops[backward[pos]]
+        if op.is_backward or pos in first_run or any(v in needed for v in op.outputs):
+            kept.append(backward[pos])
+            needed.difference_update(op.outputs)  # earlier instances are not read by later readers
+            needed.update(op.inputs)
+    kept.reverse()
+    return kept
+
+
 def _next_production(order: Sequence[int], graph: Graph, value: int, after: int) -> int:
     producer = graph.values[value].producer
     for pos in range(after + 1, len(order)):

@@ -28,6 +28,8 @@ from typing import Callable
 from .errors import BudgetInfeasible
 from .graph import Graph
 from .greedy import greedy_schedule, min_feasible_peak_greedy
+from .hierarchical import hierarchical_min_feasible_peak, hybrid_min_feasible_peak, solve_auto, solve_hierarchical
+from .ilp import ilp_min_feasible_peak, solve_ilp
 from .recompute import no_remat_schedule
 from .schedule import Schedule
 from .simulate import check, simulate
@@ -55,6 +57,23 @@ MIN_PEAK: dict[str, Callable[[Graph], int]] = {
     "greedy": min_feasible_peak_greedy,
     "none": lambda graph: simulate(graph, no_remat_schedule(graph)).peak_bytes,
 }
+
+
+# The MILP planners (solvers.ilp, solvers.hierarchical). "hybrid" is what "auto" runs:
+# the whole-graph MILP for small graphs, the hierarchical planner (chain of block MILP
+# menus + Rotor DP) otherwise, greedy as the fallback; each answers its own minimum.
+def _ilp(graph: Graph, budget_bytes: int) -> Schedule:
+    return solve_ilp(graph, budget_bytes).schedule
+
+
+def _hierarchical(graph: Graph, budget_bytes: int) -> Schedule:
+    return solve_hierarchical(graph, budget_bytes).schedule
+
+
+METHODS.update(ilp=_ilp, hierarchical=_hierarchical, hybrid=solve_auto)
+AUTO_ORDER.insert(0, "hybrid")
+MIN_PEAK.update(ilp=ilp_min_feasible_peak, hierarchical=hierarchical_min_feasible_peak,
+                hybrid=hybrid_min_feasible_peak)
 
 
 def _resolve(method: str) -> str:

@@ -140,7 +140,9 @@ def _check_plan(
     explanation = rm.explain()  # NOTE: [Kept bytes]: what the forward saves is what simulate keeps live
     assert explanation.kept_bytes + explanation.forward_output_bytes == rm.plan.predicted.live_after_forward_bytes, where
     if position == 0.0 and low < high:
-        assert rm.plan.modules.recomputed_ops, f"{where}: the smallest budget should force recomputation"
+        # The smallest budget is a real saving: recomputation, or an order of ops (the MILP
+        # reorders; a frozen backbone needs no saved activations) greedy's fixed order misses.
+        assert rm.plan.predicted.peak_bytes < rm.plan.baseline.peak_bytes, where
         assert measured < eager_peak, f"{where}: measured {measured} not below eager {eager_peak}"
 
     # Gradient accumulation: a second micro-batch, then one optimizer step.

@@ -199,3 +199,19 @@ def test_solve_auto_dispatches_and_falls_back() -> None:
     with pytest.raises(BudgetInfeasible) as info:
         solve_auto(large, low // 3, FAST)
     assert info.value.min_feasible_bytes <= low
+
+
+def test_graph_without_a_chain_beyond_the_milp_limit_is_planned_by_greedy() -> None:
+    """No useful cut and too many ops for the whole-graph MILP (BERT's padding mask feeds every
+    layer): the planner answers greedy's schedule and minimum instead of spending MILP time limits."""
+    from solvers.greedy import greedy_schedule, min_feasible_peak_greedy
+
+    graph = _unet(depth=4)
+    solver = ChainSolver(graph, HierarchicalSettings(no_chain_ilp_max_ops=1))
+    assert not solver.whole_graph and not solver.usable
+    assert solver.min_feasible_peak() == min_feasible_peak_greedy(graph)
+    top = simulate(graph, no_remat_schedule(graph)).peak_bytes
+    budget = (solver.min_feasible_peak() + top) // 2
+    result = solver.solve(budget)
+    assert result.schedule == greedy_schedule(graph, budget)
+    assert result.peak_bytes <= budget

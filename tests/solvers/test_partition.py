@@ -168,3 +168,48 @@ def test_random_graphs_partition_soundly(seed: int) -> None:
         _assert_chain_reads(chain)
         _block_graphs_run(chain)
     assert "block 0" in chain.describe()
+
+
+def _layers_graph(n: int, *, side_outputs: bool = False, mask_chain: int = 0, saved_view: bool = False) -> Graph:
+    """A chain of ``n`` layers with the shapes of captured graphs that used to leave no cut.
+
+    ``side_outputs``: every layer also outputs a small running statistic (BatchNorm's).
+    ``mask_chain``: a mask built from residents by that many cheap ops, read by every layer.
+    ``saved_view``: each layer output has a view (``detach``) that only its backward reads.
+    """
+    b = GraphBuilder()
+    x, w = b.resident("x"), b.resident("w")
+    mask = None
+    if mask_chain:
+        (mask,) = b.add("arange", [w], [64], time_ms=0.0001)
+        for i in range(mask_chain - 1):
+            (mask,) = b.add(f"mask{i}", [mask], [64], time_ms=0.0001)
+    h, outs, stats, saved = x, [], [], []
+    for i in range(n):
+        (h,) = b.add(f"layer{i}", [h, w] + ([mask] if mask is not None else []), [1000], time_ms=1.0)
+        outs.append(h)
+        if side_outputs:
+            (stat,) = b.add(f"stat{i}", [h], [8], time_ms=0.001)
+            stats.append(stat)
+        if saved_view:
+            (view,) = b.add(f"detach{i}", [h], [1000], view_of=[h], time_ms=0.0)
+            saved.append(view)
+    (loss,) = b.add("loss", [h], [8], time_ms=0.1)
+    (grad,) = b.add("d_loss", [], [8], is_backward=True, recomputable=False, is_input=True, time_ms=0.0)
+    for i in reversed(range(n)):
+        reads = [grad, outs[i - 1] if i else x] + ([saved[i]] if saved_view else [])
+        (grad,) = b.add(f"layer{i}_bwd", reads, [1000], is_backward=True)
+    return b.build(forward_outputs=[loss, *stats], required_at_end=[grad])
+
+
+@pytest.mark.parametrize("shape", ["side_outputs", "mask_chain", "saved_view"])
+def test_captured_graph_shapes_keep_their_cuts(shape: str) -> None:
+    """Regressions from captured graphs: ResNet's BatchNorm statistics (forward outputs in every
+    block), GPT-2's causal mask (a long chain of resident-only ops), ReLU's saved ``detach``."""
+    kwargs = {"side_outputs": {"side_outputs": True}, "mask_chain": {"mask_chain": 20},
+              "saved_view": {"saved_view": True}}[shape]
+    graph = _layers_graph(6, **kwargs)
+    chain = partition_chain(graph)
+    assert len(chain.blocks) >= 6, chain.describe()
+    _assert_chain_reads(chain)
+    _block_graphs_run(chain)
