@@ -1,7 +1,10 @@
 """A persistent cache of per-op profiles, keyed by op signature and device name.
 
 A second run of the same model, or of a model sharing layer shapes, does not
-measure again. The file is JSON (human-readable) and written atomically
+measure again. Besides the per-op entries it keeps each graph's calibrated
+per-op overhead (:func:`profiler.measure.calibrate_overhead`), keyed by a
+fingerprint of the graph, so a second run of the same graph runs nothing.
+The file is JSON (human-readable) and written atomically
 (temporary file + ``os.replace``), so two processes starting together never
 leave a torn file; a corrupt file is ignored (and rewritten), never fatal.
 """
@@ -16,7 +19,10 @@ from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
+# 2: per-op times taken outside the partitioner's Python dispatch (NOTE:
+# [Profiling inside the partitioner] in profiler/measure.py; version 1 times
+# include it) and calibrated per-graph overheads. Older files are ignored.
+FORMAT_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -34,6 +40,10 @@ def device_name(device: torch.device) -> str:
 class ProfileCache:
     """``{device name: {op signature: [time_ms, workspace_bytes]}}`` on disk.
 
+    Calibrated overheads live beside them as ``{device name: {graph key:
+    overhead_ms}}`` (the file's ``"overheads"`` entry). ``hits`` and
+    ``misses`` count both kinds of lookup.
+
     Args:
         path: the JSON file; ``None`` keeps the cache in memory only.
     """
@@ -41,6 +51,7 @@ class ProfileCache:
     def __init__(self, path: Path | str | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self._entries: dict[str, dict[str, list[float]]] = {}
+        self._overheads: dict[str, dict[str, float]] = {}
         self.hits = 0
         self.misses = 0
         if self.path is not None and self.path.exists():
@@ -48,8 +59,11 @@ class ProfileCache:
                 data = json.loads(self.path.read_text())
                 if data.get("format_version") == FORMAT_VERSION:
                     self._entries = {k: dict(v) for k, v in data["devices"].items()}
+                    self._overheads = {
+                        k: {key: float(ms) for key, ms in v.items()} for k, v in data.get("overheads", {}).items()
+                    }
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                self._entries = {}  # corrupt: start over, rewritten on save
+                self._entries, self._overheads = {}, {}  # corrupt: start over, rewritten on save
 
     def get(self, device: str, signature: str) -> tuple[float, int] | None:
         entry = self._entries.get(device, {}).get(signature)
@@ -62,11 +76,26 @@ class ProfileCache:
     def put(self, device: str, signature: str, time_ms: float, workspace_bytes: int) -> None:
         self._entries.setdefault(device, {})[signature] = [time_ms, workspace_bytes]
 
+    def get_overhead(self, device: str, graph_key: str) -> float | None:
+        """The calibrated per-op overhead (ms) of a graph, or None if never calibrated here."""
+        overhead = self._overheads.get(device, {}).get(graph_key)
+        if overhead is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return float(overhead)
+
+    def put_overhead(self, device: str, graph_key: str, overhead_ms: float) -> None:
+        self._overheads.setdefault(device, {})[graph_key] = overhead_ms
+
     def save(self) -> None:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"format_version": FORMAT_VERSION, "devices": self._entries}, indent=1, sort_keys=True)
+        payload = json.dumps(
+            {"format_version": FORMAT_VERSION, "devices": self._entries, "overheads": self._overheads},
+            indent=1, sort_keys=True,
+        )
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".profiles-", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as handle:

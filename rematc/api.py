@@ -76,8 +76,9 @@ class Rockmate(torch.nn.Module):
         loss_args: example extra arguments of ``loss_fn`` (e.g. targets); at
             call time pass them as ``module(x, loss_args=(y,))``.
         method: solver name from ``solvers.METHODS`` (``"auto"`` picks).
-        profile: ``"measure"`` times every distinct op on the real sample
-            (cached on disk per op signature and device); ``"analytic"``
+        profile: ``"measure"`` times every distinct op on the real sample,
+            plus a per-op overhead calibrated on full runs of the graph
+            (both cached on disk per op signature, graph and device); ``"analytic"``
             estimates times from FLOPs and bytes (deterministic). Both measure
             op workspace. Default: ``"measure"`` on CUDA, ``"analytic"`` on CPU
             (CPU timings of small ops are noisy and the tests need determinism).
