@@ -3,8 +3,10 @@
 The forward dataflow is cut at *cut values*: single values through which
 every path from the sources to the forward outputs passes (a transformer's
 residual stream between layers, ResNet's stage outputs). They are the
-dominators of the forward outputs in the dataflow graph of activations
-(networkx ``immediate_dominators``). Block ``b`` holds the forward ops between
+dominators of the loss in the dataflow graph of activations (networkx
+``immediate_dominators``; the forward output with the longest dominator
+chain: other outputs, such as BatchNorm's new running statistics, branch off
+inside blocks). Block ``b`` holds the forward ops between
 cut ``b-1`` (its *input*) and cut ``b`` (its *output*).
 
 NOTE: [Replicated values] Parameters are resident and ignored, but ops that
@@ -13,7 +15,7 @@ would otherwise look like sources feeding every layer and leave no cut.
 Values computed from residents by a few cheap, recomputable ops
 (:data:`REPLICATE_MAX_OPS`, :data:`REPLICATE_MAX_TIME_FRACTION` of the forward
 time) are left out of the dataflow. Afterwards, one that allocates and is
-read by one or two neighbouring blocks (the token embedding: data, not a
+read by two neighbouring blocks and by no other candidate (the token embedding: data, not a
 parameter, though the IR cannot tell) goes back into the dataflow and the
 cuts are recomputed; one read by a single block joins it; the others (a mask
 read by every layer, views of tied weights) are *replicated*: every block
@@ -23,7 +25,9 @@ memory: whichever block's instance is live, the block holding it counts it.
 Backward ops join blocks by dataflow: an op reading an internal forward value
 of block ``b`` belongs to ``b``; the others (gradient sums, activation
 backward that reads only a block output) go to the block of their gradient
-inputs, as early in the backward as possible. A block's backward may read its
+inputs. Two placement rules are tried (gradient windows, as early in the
+backward as possible; and the lowest block among the gradient producers),
+and the chain whose largest block is smallest is kept. A block's backward may read its
 own forward values, its input and output, gradients made by the next block,
 and *held* gradients: backward values made further down the chain or kept to
 the end (parameter-gradient partial sums of tied weights), which the chain
@@ -227,14 +231,16 @@ def _cut(graph: Graph, rule: str) -> tuple[list[int], set[int], dict[int, int], 
 
 
 def _local_activations(graph: Graph, candidates: set[int], block_of: dict[int, int]) -> set[int]:
-    """Replication candidates that allocate and whose readers fall in at most two blocks.
+    """Replication candidates that allocate, are read by no other candidate, and by exactly two blocks.
 
     Replication is for values read all along the chain (a causal mask, tied
-    weights' views); a cheap value read by one or two neighbouring blocks
-    (the token embedding, the first LayerNorm) is an activation: left out of
-    the dataflow it would open a path around the cuts after it, so it goes
-    back in (it may be a cut itself). Views of residents allocate nothing and
-    stay out: in the dataflow they would be sources feeding every layer.
+    weights' views); a cheap value read by two neighbouring blocks (the token
+    embedding) is an activation: left out of the dataflow it would open a
+    path around the cut between them, so it goes back in (it may be a cut
+    itself). One read by a single block simply joins it, and one that other
+    candidates read stays out: back in the dataflow it would pin them (a
+    causal mask's chain of cheap ops) to its block. Views of residents
+    allocate nothing and stay out: they would be sources feeding every layer.
     """
     allocates: dict[int, bool] = {}  # the op or a candidate it reads from allocates
     for i in sorted(candidates):
