@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover
 
 from solvers import Schedule
 
-from .lower import Lowered
+from .lower import Lowered, is_tangent
 
 
 _BATCH_NORM_FUNCTIONAL = torch.ops.aten._native_batch_norm_legit_functional.default
@@ -170,10 +170,9 @@ def _rebuild(
     env: dict[fx.Node, fx.Node] = {}
     placeholders = list(template.graph.find_nodes(op="placeholder"))
     if phase == "backward" and extra:  # AOTAutograd's backward reads (symints, saved values, tangents...)
-        after = max((i for i, p in enumerate(placeholders) if p.name in set(saved_names)), default=-1)
-        if after < 0:
-            after = sum(1 for p in placeholders if "sym" in p.name) - 1
-        placeholders[after + 1:after + 1] = extra
+        kept_saved = [i for i, p in enumerate(placeholders) if p.name in set(saved_names)]
+        at = kept_saved[-1] + 1 if kept_saved else next(i for i, p in enumerate(placeholders) if is_tangent(p))
+        placeholders[at:at] = extra
     for placeholder in placeholders:
         if phase == "backward" and placeholder.name in drop:
             continue

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.workloads import BasicBlock
 from rematc.models import TinyGPT, TinyGPTConfig
 
 # -- Hugging Face ------------------------------------------------------------------
@@ -104,24 +105,7 @@ def vit_batch(seed: int) -> tuple[dict, tuple]:
 
 
 # -- Convolutional -----------------------------------------------------------------
-class BasicBlock(nn.Module):
-    """ResNet's basic block: two 3x3 conv + BatchNorm, identity or 1x1-conv shortcut."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
-
-
+# ResNet's basic block is the benchmarks' (two 3x3 conv + BatchNorm, identity or 1x1-conv shortcut).
 class ResNet(nn.Module):
     """A small ResNet: stem, three stages of basic blocks, global pooling, linear head."""
 
