@@ -107,10 +107,16 @@ class NodeCost:
         time_ms: Time of the node's kernel(s), milliseconds.
         workspace_bytes: Transient bytes the node allocates and frees while it
             runs, beyond its outputs (0 in analytic mode).
+        output_bytes: Measured storage bytes of each tensor output that the
+            kernel allocates, in the order of the node's tensor outputs (None
+            where an output aliases an input); None when not measured, and
+            then the fake tensors' storage sizes stand. See NOTE: [Real
+            output storages] in ``profiler/workspace.py``.
     """
 
     time_ms: float
     workspace_bytes: int
+    output_bytes: tuple[int | None, ...] | None = None
 
 
 # Ops that return (a view of) their input without an alias annotation in

@@ -37,6 +37,7 @@ step (NOTE: [Profiling inside the partitioner]). Analytic mode
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import operator
 import statistics
@@ -49,7 +50,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .analytic import NodeCost, analytic_costs, is_view_like
 from .cache import ProfileCache, device_name
-from .workspace import measure_workspace, op_signature
+from .workspace import OpMemory, measure_op_memory, op_signature
 
 __all__ = ["calibrate_overhead", "graph_key", "measure_costs", "overhead_nodes"]
 
@@ -81,17 +82,20 @@ def measure_costs(
     dev = device_name(device)
     analytic = analytic_costs(gm, device.type)
     with _disable_current_modes():
-        workspace = measure_workspace(gm, device)
+        memory = measure_op_memory(gm, device)
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         try:
             args = _graph_inputs(gm, primals, device)
             with _eager_dispatch():
-                times = _TimingInterpreter(gm, dev, cache, repeats, device, workspace).time_all(args)
+                times = _TimingInterpreter(gm, dev, cache, repeats, device, memory).time_all(args)
             costs = {}
             for node in gm.graph.nodes:
                 fallback = analytic.get(node.name, NodeCost(0.0, 0))
-                costs[node.name] = NodeCost(times.get(node.name, fallback.time_ms), workspace.get(node.name, 0))
+                measured = memory.get(node.name, OpMemory(0))
+                costs[node.name] = NodeCost(
+                    times.get(node.name, fallback.time_ms), measured.workspace_bytes, measured.output_bytes
+                )
             overhead = 0.0
             if calibrate and times:
                 key = graph_key(gm, device)
@@ -113,7 +117,7 @@ def measure_costs(
     if overhead > 0:
         for node in overhead_nodes(gm):
             cost = costs[node.name]
-            costs[node.name] = NodeCost(cost.time_ms + overhead, cost.workspace_bytes)
+            costs[node.name] = dataclasses.replace(cost, time_ms=cost.time_ms + overhead)
     return costs
 
 
@@ -230,11 +234,11 @@ def _graph_inputs(gm: fx.GraphModule, primals: Sequence[Any], device: torch.devi
 class _TimingInterpreter(fx.Interpreter):
     def __init__(
         self, gm: fx.GraphModule, dev: str, cache: ProfileCache, repeats: int, device: torch.device,
-        workspace: dict[str, int],
+        memory: dict[str, OpMemory],
     ):
         super().__init__(gm, garbage_collect_values=True)
         self.dev, self.cache, self.repeats, self.device = dev, cache, repeats, device
-        self.workspace = workspace
+        self.memory = memory
         self.times: dict[str, float] = {}
 
     def time_all(self, args: Sequence[Any]) -> dict[str, float]:
@@ -255,7 +259,7 @@ class _TimingInterpreter(fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             samples = [self._time_once(n, args, kwargs) for _ in range(self.repeats)]
             self.times[n.name] = statistics.median(samples)
-            self.cache.put(self.dev, signature, self.times[n.name], self.workspace.get(n.name, 0))
+            self.cache.put(self.dev, signature, self.times[n.name], self.memory.get(n.name, OpMemory(0)).workspace_bytes)
         except Exception:
             pass  # falls back to the analytic time
         return result

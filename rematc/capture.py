@@ -26,16 +26,21 @@ import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
 
 from .errors import CaptureError, GraphBreakError
+from .outputs import DroppedOutputs, detach_all_but_loss, has_loss, mark_no_gradient_planned
 
 PlanJoint = Callable[[fx.GraphModule, int, list[Any]], tuple[fx.GraphModule, fx.GraphModule]]
 
 
-def _make_step_function(model: torch.nn.Module, loss_fn: Callable[..., Any] | None) -> Callable[..., Any]:
+def _make_step_function(
+    model: torch.nn.Module, loss_fn: Callable[..., Any] | None, only_loss_differentiable: bool
+) -> Callable[..., Any]:
     def rematc_step(args, kwargs, loss_args):
         output = model(*args, **kwargs)
-        if loss_fn is None:
-            return output
-        return loss_fn(output, *loss_args)
+        if loss_fn is not None:
+            return loss_fn(output, *loss_args)
+        if only_loss_differentiable and has_loss(output):  # NOTE: [Outputs the caller drops]
+            return detach_all_but_loss(output)
+        return output
 
     # A private code object so Dynamo's per-code cache belongs to this step alone.
     code = rematc_step.__code__.replace()
@@ -45,21 +50,49 @@ def _make_step_function(model: torch.nn.Module, loss_fn: Callable[..., Any] | No
 class CompiledStep:
     """``model`` (plus ``loss_fn``) compiled so that ``plan_joint`` partitions its joint graph.
 
+    With ``only_loss_differentiable`` (and no ``loss_fn``), a model output
+    holding a ``loss`` gives gradients through the loss alone, and its other
+    outputs are assumed dropped by the caller before the backward, unless
+    ``hold_outputs``; see NOTE: [Outputs the caller drops] in outputs.py.
+
     Attributes:
         forward_calls: how many times a generated forward graph ran (a call
             that leaves it unchanged did not run the plan).
         compilations: how many joint graphs were partitioned.
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable[..., Any] | None, plan_joint: PlanJoint):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[..., Any] | None,
+        plan_joint: PlanJoint,
+        *,
+        only_loss_differentiable: bool = True,
+        hold_outputs: bool = False,
+        on_backward_end: Callable[[], None] | None = None,
+    ):
         self.forward_calls = 0
+        self._on_backward_end = on_backward_end
         self.compilations = 0
         self._plan_joint = plan_joint
+        self._only_loss_differentiable = only_loss_differentiable and loss_fn is None
+        self._dropped = None if hold_outputs else DroppedOutputs()
         self._compiled = torch.compile(
-            _make_step_function(model, loss_fn), backend=self._backend, dynamic=False, fullgraph=True
+            _make_step_function(model, loss_fn, self._only_loss_differentiable),
+            backend=self._backend, dynamic=False, fullgraph=True,
         )
 
     def __call__(self, args: tuple, kwargs: dict, loss_args: tuple) -> Any:
+        compilations = self.compilations
+        output = self._run(args, kwargs, loss_args)
+        if self._only_loss_differentiable and has_loss(output):
+            output = mark_no_gradient_planned(output)
+            if self._dropped is not None:
+                # The compiling call's outputs are referenced by the compiler for a while.
+                self._dropped.watch(output if self.compilations == compilations else {})
+        return output
+
+    def _run(self, args: tuple, kwargs: dict, loss_args: tuple) -> Any:
         try:
             with torch._dynamo.config.patch(ignore_logging_functions=_logging_functions()):
                 return self._compiled(args, kwargs, loss_args)
@@ -80,7 +113,7 @@ class CompiledStep:
                 gm,
                 example_inputs,
                 fw_compiler=self._boxed_forward,
-                bw_compiler=_boxed,
+                bw_compiler=self._boxed_backward,
                 partition_fn=partition,
             )
         except Exception as error:
@@ -97,6 +130,20 @@ class CompiledStep:
 
         counted._boxed_call = True  # type: ignore[attr-defined]
         return counted
+
+    def _boxed_backward(self, gm: fx.GraphModule, _example_inputs: Any) -> Callable[..., Any]:
+        run = _boxed(gm, _example_inputs)
+
+        def checked(args: list[Any]) -> Any:
+            if self._dropped is not None:
+                self._dropped.check()
+            grads = run(args)
+            if self._on_backward_end is not None:
+                self._on_backward_end()
+            return grads
+
+        checked._boxed_call = True  # type: ignore[attr-defined]
+        return checked
 
 
 def graph_break_error(error: Exception) -> GraphBreakError:

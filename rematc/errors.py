@@ -11,7 +11,7 @@ class RematcError(RuntimeError):
     """Base class of rematc's errors."""
 
 
-class BudgetTooSmall(BudgetInfeasible):
+class BudgetTooSmall(BudgetInfeasible, RematcError):
     """The memory budget is below the smallest peak any schedule reaches.
 
     Fix: pass ``budget >= err.min_budget_bytes`` (also in the message), or

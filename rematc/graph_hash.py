@@ -33,12 +33,19 @@ import torch.fx as fx
 __all__ = ["describe_graph", "graph_hash"]
 
 # Bump when the description below changes: old cache entries then miss instead of matching wrongly.
-HASH_SCHEME = 1
+HASH_SCHEME = 2
 
 
-def graph_hash(gm: fx.GraphModule, num_fwd_outputs: int) -> str:
-    """The canonical hash of ``gm``, as ``"sha256:<hex>"``."""
-    text = json.dumps(describe_graph(gm, num_fwd_outputs), separators=(",", ":"), sort_keys=True)
+def graph_hash(gm: fx.GraphModule, num_fwd_outputs: int, *, hold_outputs: bool = False) -> str:
+    """The canonical hash of ``gm``, as ``"sha256:<hex>"``.
+
+    ``hold_outputs`` (whether the caller keeps the outputs without a gradient
+    through the backward) is part of what is planned, so it is hashed too.
+    """
+    description = describe_graph(gm, num_fwd_outputs)
+    if hold_outputs:
+        description["hold_outputs"] = True
+    text = json.dumps(description, separators=(",", ":"), sort_keys=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -81,9 +81,16 @@ def _tensor_outputs(node: fx.Node) -> list[tuple[int | None, torch.Tensor]]:
 
 
 def lower_joint_graph(
-    joint: fx.GraphModule, num_fwd_outputs: int, costs: dict[str, NodeCost]
+    joint: fx.GraphModule, num_fwd_outputs: int, costs: dict[str, NodeCost], *, hold_outputs: bool = False
 ) -> Lowered:
-    """Build the IR of ``joint`` with per-node ``costs`` (keyed by node name)."""
+    """Build the IR of ``joint`` with per-node ``costs`` (keyed by node name).
+
+    Forward outputs that get a gradient (a tangent) are live to the end of the
+    step. The others (logits beside a loss, updated buffers) are dropped by
+    the caller when the forward returns, so the IR frees them as the backward
+    starts, unless ``hold_outputs`` says the caller keeps them to the end.
+    See NOTE: [Outputs the caller drops] in outputs.py.
+    """
     values: list[Value] = []
     value_nodes: list[fx.Node | None] = []
     ops: list[Op] = []
@@ -120,7 +127,10 @@ def lower_joint_graph(
         op_index = len(ops)
         output_values: list[int] = []
         getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
-        for position, fake in _tensor_outputs(node):
+        cost = costs.get(node.name, NodeCost(0.0, 0))
+        fakes = _tensor_outputs(node)
+        measured = cost.output_bytes if cost.output_bytes is not None and len(cost.output_bytes) == len(fakes) else None
+        for k, (position, fake) in enumerate(fakes):
             carrier = node if position is None else getitems.get(position)
             view_of = next(
                 (value_of[a] for a in inputs if same_storage(fake, a.meta["val"])), None
@@ -128,11 +138,13 @@ def lower_joint_graph(
             name = node.name if carrier is None and position is None else (
                 carrier.name if carrier is not None else f"{node.name}[{position}]"
             )
-            v = add_value(name, storage_nbytes(fake), op_index, view_of, carrier)
+            nbytes = storage_nbytes(fake)
+            if view_of is None and measured is not None and measured[k] is not None:
+                nbytes = measured[k]  # NOTE: [Real output storages] (profiler/workspace.py)
+            v = add_value(name, nbytes, op_index, view_of, carrier)
             output_values.append(v)
             if carrier is not None:
                 value_of[carrier] = v
-        cost = costs.get(node.name, NodeCost(0.0, 0))
         ops.append(
             Op(
                 node.name,
@@ -170,6 +182,30 @@ def lower_joint_graph(
     pinned = tuple(
         op.outputs[0] for op, node in zip(ops, op_nodes) if op.is_input and _numel(node) == 1
     )
-    required = tuple(dict.fromkeys((*forward_outputs, *gradients, *pinned)))
+    differentiable = None if hold_outputs else _differentiable_outputs(joint, output_node, num_fwd_outputs)
+    held = tuple(
+        value_of[o] for i, o in enumerate(outputs[:num_fwd_outputs])
+        if isinstance(o, fx.Node) and o in value_of and (differentiable is None or i in differentiable)
+    )
+    required = tuple(dict.fromkeys((*held, *gradients, *pinned)))
     graph = Graph(tuple(ops), tuple(values), forward_outputs, required)
     return Lowered(graph, tuple(op_nodes), tuple(value_nodes), num_fwd_outputs)
+
+
+def _differentiable_outputs(joint: fx.GraphModule, output_node: fx.Node, num_fwd_outputs: int) -> set[int] | None:
+    """Positions of the forward outputs that have a tangent, from AOTAutograd's descriptors.
+
+    None when the descriptors are missing (torch < 2.9, or a graph built by
+    hand): every forward output is then taken as held to the end.
+    """
+    output_descs = output_node.meta.get("desc")
+    if not isinstance(output_descs, (list, tuple)) or len(output_descs) < num_fwd_outputs:
+        return None
+    tangent_of = []
+    for node in joint.graph.find_nodes(op="placeholder"):
+        if is_tangent(node):
+            desc = node.meta.get("desc")
+            if desc is None or not hasattr(desc, "output"):
+                return None
+            tangent_of.append(desc.output)
+    return {i for i in range(num_fwd_outputs) if output_descs[i] in tangent_of}

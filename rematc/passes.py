@@ -82,6 +82,11 @@ def _match_eager_cpu_dropout_backward(graph: fx.Graph, node: fx.Node) -> bool:
     bit. ``grad * mask * s``, with ``s`` the scale rounded to the dtype, is
     exactly ``grad * noise`` in every dtype. On CUDA eager does use the fused
     ``native_dropout``, so only CPU graphs are rewritten.
+
+    The new nodes take ``node``'s fake layout, which is right once
+    :func:`rematc.layouts.make_layouts_faithful` has run (NOTE: [Runtime
+    layouts]): it gives ``native_dropout_backward`` the CPU kernel's layout,
+    that of ``grad * mask * scale``, which these multiplies reproduce.
     """
     grad, mask, scale = node.args[:3]
     val = node.meta.get("val")

@@ -169,7 +169,7 @@ class BoundSchedule:
 
 def bind_schedule_file(
     sf: ScheduleFile, joint: fx.GraphModule, num_fwd_outputs: int, key: PlanKey, budget: Budget | None,
-    source: str | os.PathLike[str],
+    source: str | os.PathLike[str], *, hold_outputs: bool = False,
 ) -> BoundSchedule:
     """Check ``sf`` against the captured ``joint`` graph and lower the graph with the file's costs.
 
@@ -178,6 +178,7 @@ def bind_schedule_file(
         joint: the captured joint graph, after rematc's passes.
         num_fwd_outputs: how many joint outputs belong to the forward.
         key: the captured graph's key (its hash and device kind are compared).
+        hold_outputs: lower as ``lower_joint_graph`` does for the planning ``Rockmate``.
         budget: the budget to check against; None uses the file's own.
         source: the file, for messages.
 
@@ -197,8 +198,11 @@ def bind_schedule_file(
             source, f"it was planned for device {sf.device!r}, the model runs on {key.device!r}",
             expected=key.device, found=sf.device,
         )
-    costs = {op.name: NodeCost(op.time_ms, op.workspace_bytes) for op in sf.graph.ops}
-    lowered = lower_joint_graph(joint, num_fwd_outputs, costs)
+    costs = {
+        op.name: NodeCost(op.time_ms, op.workspace_bytes, tuple(sf.graph.values[v].bytes for v in op.outputs))
+        for op in sf.graph.ops
+    }
+    lowered = lower_joint_graph(joint, num_fwd_outputs, costs, hold_outputs=hold_outputs)
     if lowered.graph != sf.graph:  # a hash collision, or a lowering that changed without a hash change
         raise ScheduleFileError(
             source, f"its graph differs from the captured one ({_first_difference(sf.graph, lowered.graph)})",
@@ -279,7 +283,8 @@ class ScheduleSource:
         self.explicit = read_schedule_file(self.schedule_path) if self.schedule_path is not None else None
 
     def find(
-        self, joint: fx.GraphModule, num_fwd_outputs: int, key: PlanKey, budget: Budget | None
+        self, joint: fx.GraphModule, num_fwd_outputs: int, key: PlanKey, budget: Budget | None,
+        *, hold_outputs: bool = False,
     ) -> BoundSchedule | None:
         """A bound plan for ``key``, or None (cache miss, or a bad cache entry: warned).
 
@@ -288,14 +293,18 @@ class ScheduleSource:
         """
         if self.explicit is not None:
             assert self.schedule_path is not None
-            return bind_schedule_file(self.explicit, joint, num_fwd_outputs, key, budget, self.schedule_path)
+            return bind_schedule_file(
+                self.explicit, joint, num_fwd_outputs, key, budget, self.schedule_path, hold_outputs=hold_outputs
+            )
         if self.cache is None:
             return None
         try:
             sf = self.cache.load(key)
             if sf is None:
                 return None
-            return bind_schedule_file(sf, joint, num_fwd_outputs, key, budget, self.cache.path(key))
+            return bind_schedule_file(
+                sf, joint, num_fwd_outputs, key, budget, self.cache.path(key), hold_outputs=hold_outputs
+            )
         except ScheduleFileError as error:
             warnings.warn(f"{error}; ignoring this cache entry and planning again", RematcWarning, stacklevel=2)
             return None

@@ -81,6 +81,10 @@ class ScheduleFile:
         created_utc: when the file was written (ISO 8601).
         planner_fingerprint: digest of the planning code that made it
             (``rematc.schedule_cache.planner_fingerprint``).
+        measured_peak_bytes: the peak measured when ``Rockmate`` verified the
+            plan on its sample (None: not verified).
+        margin_bytes: how far below the budget the plan was solved, after a
+            verification measured more than the prediction (0: none needed).
     """
 
     graph_hash: str
@@ -102,6 +106,8 @@ class ScheduleFile:
     torch_version: str = ""
     created_utc: str = ""
     planner_fingerprint: str = ""
+    measured_peak_bytes: int | None = None
+    margin_bytes: int = 0
     format_version: int = field(default=FORMAT_VERSION)
 
 
@@ -125,6 +131,7 @@ def dumps_schedule_file(sf: ScheduleFile) -> str:
             "no_remat_peak_bytes": sf.baseline_peak_bytes,
             "no_remat_time_ms": sf.baseline_time_ms,
         },
+        "measured": {"peak_bytes": sf.measured_peak_bytes, "margin_bytes": sf.margin_bytes},
         "solver": {"method": sf.method, "planner_fingerprint": sf.planner_fingerprint},
         "profiler": {"mode": sf.profile, "device_name": sf.device_name},
         "blocks": [dict(b) for b in sf.blocks],
@@ -268,6 +275,8 @@ def _from_document(document: dict[str, Any]) -> ScheduleFile:
     graph = _graph_from_record(document["graph"])
     schedule = _schedule_from_record(document["steps"], graph)
     budget, predicted = document["budget"], document["predicted"]
+    measured = document.get("measured") or {}  # absent in files written before verification existed
+    measured_peak = measured.get("peak_bytes")
     blocks = document.get("blocks") or []
     if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
         raise ValueError("'blocks' must be a list of objects")
@@ -291,6 +300,8 @@ def _from_document(document: dict[str, Any]) -> ScheduleFile:
         torch_version=str(document.get("torch_version", "")),
         created_utc=str(document.get("created_utc", "")),
         planner_fingerprint=str(document["solver"].get("planner_fingerprint", "")),
+        measured_peak_bytes=None if measured_peak is None else _typed(measured_peak, int, "measured.peak_bytes"),
+        margin_bytes=_typed(measured.get("margin_bytes", 0), int, "measured.margin_bytes"),
         format_version=document["format_version"],
     )
 

@@ -45,6 +45,14 @@ class ZooEntry:
     autocast: torch.dtype | None = None
     tolerance: Tolerance | None = None
 
+    @property
+    def returns_loss(self) -> bool:
+        """Whether the model returns its own loss among other outputs (a Hugging Face ``ModelOutput``).
+
+        Such a step is called the ordinary way, ``module(**batch).loss.backward()``.
+        """
+        return self.loss_of is _model_loss
+
 
 def _mlp() -> nn.Module:
     layers: list[nn.Module] = []
@@ -109,6 +117,8 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("resnet", zoo.ResNet, zoo.image_batch, F.cross_entropy),
         ZooEntry("resnet_frozen_backbone", zoo.frozen_backbone_resnet, zoo.image_batch, F.cross_entropy),
         ZooEntry("unet", zoo.UNet, zoo.segmentation_batch, F.cross_entropy),
+        # permutes, LayerNorm and an MLP on channels-last, layer scale, dropout, drop path
+        ZooEntry("convnext", zoo.ConvNeXt, zoo.convnext_batch, F.cross_entropy),
         ZooEntry("random_ops_cnn", zoo.RandomOpsCNN, zoo.image_batch, F.cross_entropy),
         ZooEntry("sdpa_dropout", zoo.SDPAStack, zoo.sequence_batch, zoo.token_loss),
         ZooEntry("gpt_frozen_embeddings", zoo.gpt_frozen_embeddings, zoo.gpt_batch, lm_loss),

@@ -174,6 +174,64 @@ def segmentation_batch(seed: int) -> tuple[tuple, tuple]:
     return (torch.randn(2, 3, 16, 16, generator=g),), (torch.randint(0, 2, (2, 16, 16), generator=g),)
 
 
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (ConvNeXt's downsampling norm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7 conv, then LayerNorm and an MLP on channels-last, layer scale, dropout,
+    stochastic depth (drop path), back to channels-first, residual add.
+
+    The dropout runs on a channels-last activation that is permuted back: its
+    gradient arrives as a permuted view, the case NOTE: [Runtime layouts]
+    (rematc/layouts.py) is about.
+    """
+
+    def __init__(self, c: int, dropout: float = 0.1, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.1))  # layer scale
+        self.dropout = nn.Dropout(dropout)
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dwconv(x).permute(0, 2, 3, 1)
+        h = self.dropout(self.gamma * self.fc2(F.gelu(self.fc1(self.norm(h)))))
+        h = h.permute(0, 3, 1, 2)
+        if self.training and self.drop_path > 0:
+            keep = 1.0 - self.drop_path
+            h = h * x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
+        return x + h
+
+
+class ConvNeXt(nn.Module):
+    """A small ConvNeXt: patchify stem, two blocks, LayerNorm + 2x2 conv downsampling, one block,
+    global average pooling, LayerNorm, linear head."""
+
+    def __init__(self, c: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 4, stride=4), ChannelsFirstLayerNorm(c))
+        self.stage1 = nn.Sequential(ConvNeXtBlock(c), ConvNeXtBlock(c, drop_path=0.2))
+        self.downsample = nn.Sequential(ChannelsFirstLayerNorm(c), nn.Conv2d(c, 2 * c, 2, stride=2))
+        self.stage2 = ConvNeXtBlock(2 * c, drop_path=0.2)
+        self.norm = nn.LayerNorm(2 * c)
+        self.head = nn.Linear(2 * c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.downsample(self.stage1(self.stem(x))))
+        return self.head(self.norm(x.mean(dim=(2, 3))))
+
+
+def convnext_batch(seed: int) -> tuple[tuple, tuple]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(8, 3, 32, 32, generator=g),), (torch.randint(0, 10, (8,), generator=g),)
+
+
 class RandomOpsCNN(nn.Module):
     """Every kind of random op a training forward draws: channel dropout, alpha dropout,
     Gaussian noise, RReLU, Bernoulli masks. Each must draw once, in the forward.

@@ -23,13 +23,13 @@ def test_meter_cuda_path_counts_a_known_allocation():
 
 def test_workspace_is_read_from_the_cuda_allocator():
     from tests.profiler.test_measure import capture_joint
-    from profiler.workspace import measure_workspace
+    from profiler.workspace import measure_op_memory
 
     model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Dropout(0.1)).cuda()
     joint, _ = capture_joint(model, torch.randn(64, 256, device="cuda"))
-    workspace = measure_workspace(joint, "cuda")
-    assert set(workspace) == {n.name for n in joint.graph.nodes}
-    assert all(v >= 0 for v in workspace.values())
+    memory = measure_op_memory(joint, "cuda")
+    assert set(memory) == {n.name for n in joint.graph.nodes}
+    assert all(m.workspace_bytes >= 0 for m in memory.values())
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.6])

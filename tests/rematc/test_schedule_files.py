@@ -108,9 +108,9 @@ def test_graph_hash_is_canonical_and_sensitive(monkeypatch):
     descriptions: list[str] = []
     real = api.graph_hash
 
-    def spy(joint, num_fwd_outputs):
+    def spy(joint, num_fwd_outputs, **options):
         descriptions.append(json.dumps(describe_graph(joint, num_fwd_outputs)))
-        return real(joint, num_fwd_outputs)
+        return real(joint, num_fwd_outputs, **options)
 
     monkeypatch.setattr(api, "graph_hash", spy)
 
