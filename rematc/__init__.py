@@ -15,13 +15,14 @@ Use :class:`Rockmate`::
     loss = model(x).sum(); loss.backward()
 """
 
-from .api import Rockmate
+from .api import Plan, Rockmate
 from .budget import parse_budget
 from .errors import BudgetTooSmall, CaptureError, GraphBreakError, RematcError, RematcWarning, ScheduleFileError
+from .explain import Explanation
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BudgetTooSmall", "CaptureError", "GraphBreakError", "RematcError", "RematcWarning", "Rockmate",
-    "ScheduleFileError", "parse_budget",
+    "BudgetTooSmall", "CaptureError", "Explanation", "GraphBreakError", "Plan", "RematcError", "RematcWarning",
+    "Rockmate", "ScheduleFileError", "parse_budget",
 ]

@@ -119,6 +119,11 @@ class Rockmate(torch.nn.Module):
             from the prediction, and plan again below the budget while it
             exceeds the budget (see NOTE: [Verified plans]).
 
+    Attributes:
+        measured_peak_bytes: the peak measured when the plan was verified on
+            ``sample`` (None with ``verify=False``); at most the budget.
+        plan_seconds: construction time: capture, profiling, solving, verification.
+
     Raises:
         BudgetTooSmall: the budget is below the smallest feasible peak, given
             as ``err.min_budget_bytes`` (with ``verify``: also when the plan
@@ -190,7 +195,11 @@ class Rockmate(torch.nn.Module):
         self._distributed_warned = False
         started = time.perf_counter()
         self._capture(args, kwargs, loss_args)
-        if verify:
+        if verify and self._device_type == "cpu" and torch.autograd._profiler_enabled():
+            # The CPU meter is built on the profiler, which does not nest.
+            warnings.warn("rematc: a torch profiler is running, so the plan is not verified "
+                          "(measured_peak_bytes stays None)", RematcWarning, stacklevel=2)
+        elif verify:
             self._verify(args, kwargs, loss_args)
         self._store_plan()
         self.plan_seconds = time.perf_counter() - started

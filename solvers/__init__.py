@@ -16,7 +16,7 @@ Pipeline inside this package::
 - :mod:`solvers.checkmate_data`: Checkmate's published graphs as :class:`Graph`.
 """
 
-from .errors import BudgetInfeasible, format_bytes
+from .errors import BudgetInfeasible, PlannerError, format_bytes
 from .graph import Graph, GraphError, Op, Value
 from .schedule import Schedule, Step, schedule_from_order
 from .simulate import ScheduleError, SimulationResult, check, simulate
@@ -53,6 +53,7 @@ __all__ = [
     "solve_ilp",
     "METHODS",
     "BudgetInfeasible",
+    "PlannerError",
     "build_remat_schedule",
     "greedy_schedule",
     "min_feasible_peak",

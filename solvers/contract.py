@@ -16,6 +16,14 @@ Expanding a contracted order runs each folded view right after its maker, so
 :func:`~solvers.schedule.schedule_from_order` on the original graph frees
 every storage no later than the contracted model counted.
 
+A forward view op that makes a ``required_at_end`` value is not folded: when
+its maker is recomputed in the backward for a reader of the storage, the
+extraction drops the view's dead recomputation
+(:func:`~solvers.schedule.without_dead_recomputations`) and the forward's
+instance of the view, kept to the end, pins the forward's storage, which the
+contracted model would count as released. Left separate, the view ties its
+base's lifetime in the MILP (a kept view keeps its base).
+
 Example:
     >>> c = contract_views(graph)                                   # doctest: +SKIP
     >>> c.graph.num_ops < graph.num_ops                              # doctest: +SKIP
@@ -71,9 +79,11 @@ def contract_views(graph: Graph) -> Contraction:
     for v, value in enumerate(values):  # residents and graph inputs keep their place first
         if value.producer is None:
             new_value(v, None, None)
+    required = set(graph.required_at_end)
     for i, op in enumerate(graph.ops):
         makers = {new_values[value_of[v]].producer for v in op.inputs}
-        if _is_view_op(graph, op) and len(makers) == 1:
+        held_to_end = not op.is_backward and not required.isdisjoint(op.outputs)  # see the docstring
+        if _is_view_op(graph, op) and len(makers) == 1 and not held_to_end:
             c = makers.pop()
             if c is not None and new_ops[c].is_backward == op.is_backward and not new_ops[c].is_input:
                 for w in op.outputs:  # the view is its storage in the contracted graph

@@ -29,6 +29,10 @@ class BudgetInfeasible(ValueError):
         return (type(self), (self.budget_bytes, self.min_feasible_bytes, self.method))
 
 
+class PlannerError(RuntimeError):
+    """A planner broke its contract (a schedule over the budget): a bug in rematc, never the user's input."""
+
+
 def format_bytes(n: float) -> str:
     """Human-readable binary size: ``format_bytes(3 * 2**20) == '3.00 MiB'``."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):

@@ -28,9 +28,12 @@ view did not already hold.
 
 Phases and lifetimes: forward outputs (``required_at_end`` values) must be
 available in the last forward (last) stage and are not released in it; input
-ops allocate their gradients in their own stage. Workspace counts while its op
-runs. ``FREE`` is only bounded above (a release the solver skips over-counts
-memory), so the model is sound: :func:`schedule_from_order` on the extracted
+ops allocate their gradients in their own stage. An end value that the forward
+phase made is never re-made just to be live at the end (see NOTE: [End values
+the forward made]): the extraction drops such a dead recomputation and keeps
+the forward's instance (the one the caller holds) to the end. Workspace counts
+while its op runs. ``FREE`` is only bounded above (a release the solver skips
+over-counts memory), so the model is sound: :func:`schedule_from_order` on the extracted
 order frees every value at its last use, which can only hold fewer bytes than
 the model counted (``tests/solvers/test_ilp.py`` checks this on every schedule).
 """
@@ -271,13 +274,26 @@ def build_formulation(graph: Graph, layout: StageLayout | None = None) -> Formul
     pinned = {(lay.n_forward - 1, lay.producer_stage[v]) for v in lay.forward_output_values}
     pinned |= {(n - 1, lay.producer_stage[v]) for v in lay.required_values}
     for (t, k), col in r_col.items():
-        if (t, k) in pinned:
+        end_pin = (t, k) in pinned and t == n - 1 and t >= lay.n_forward
+        if (t, k) in pinned and not end_pin:
             continue
         users = sorted({stage_of[u] for v in lay.out_values[k] for u in graph.users(v)})
         in_stage = [j for j in users if k < j <= t and lay.can_run(t, j)]
         if any(lay.fixed_one(t, j) for j in in_stage):
             continue
-        model.add_row([col, *(r_col[(t, j)] for j in in_stage)], [1.0] + [-1.0] * len(in_stage), upper=0.0)
+        cols, coefs = [col, *(r_col[(t, j)] for j in in_stage)], [1.0] + [-1.0] * len(in_stage)
+        if not end_pin:
+            model.add_row(cols, coefs, upper=0.0)
+            continue
+        # NOTE: [End values the forward made] a forward op pinned to the last stage for an end
+        # value, with no reader there, is a dead recomputation when it also ran in the forward
+        # phase: the extraction (without_dead_recomputations) drops it and the forward's instance
+        # stays live to the end, so the model may not count that instance as released.
+        # R[t, k] - sum(R[t, readers]) + R[t2, k] <= 1 for every forward stage t2.
+        for t2 in range(k, lay.n_forward):
+            if lay.can_run(t2, k):
+                c2, f2, k2 = run_terms(t2, k, 1.0)
+                model.add_row(cols + c2, coefs + f2, upper=1.0 - k2)
     # Dependencies: an op runs only if each input is computed earlier in the stage or kept.
     for t in range(n):
         for k in range(t + 1):

@@ -25,7 +25,7 @@ from __future__ import annotations
 from numbers import Integral
 from typing import Callable
 
-from .errors import BudgetInfeasible
+from .errors import BudgetInfeasible, PlannerError
 from .graph import Graph
 from .greedy import greedy_schedule, min_feasible_peak_greedy
 from .hierarchical import hierarchical_min_feasible_peak, hybrid_min_feasible_peak, solve_auto, solve_hierarchical
@@ -110,7 +110,8 @@ def solve(graph: Graph, budget_bytes: int, method: str = "auto") -> Schedule:
     schedule = METHODS[name](graph, budget_bytes)
     check(graph, schedule)
     peak = simulate(graph, schedule, validate=False).peak_bytes
-    assert peak <= budget_bytes, f"planner {name!r} returned a schedule peaking at {peak} > budget {budget_bytes}"
+    if peak > budget_bytes:  # the promise itself: a real check, not an assert that `python -O` removes
+        raise PlannerError(f"planner {name!r} returned a schedule peaking at {peak} B > budget {budget_bytes} B")
     return schedule
 
 

@@ -6,11 +6,14 @@ prediction must equal the meter's measurement to the byte.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import solvers
 from profiler.meter import MemoryMeter
 from rematc import Rockmate
 
@@ -36,3 +39,31 @@ def test_reduced_loss_viewing_its_elementwise_buffer_is_predicted_exactly(loss_f
         rm(x, loss_args=(y,)).backward()
     assert meter.peak_bytes == rm.predicted_peak_bytes
     assert meter.peak_bytes <= rm.budget_bytes
+
+
+def test_attention_without_dropout_is_recomputable_and_draws_nothing():
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.out = nn.Linear(32, 96), nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).view(4, 64, 3, 2, 16).permute(2, 0, 3, 1, 4)
+            h = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=True)
+            return self.out(h.transpose(1, 2).reshape(4, 64, 32))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Attention(), nn.GELU(), Attention())
+    x = torch.randn(4, 64, 32)
+    reference = copy.deepcopy(model)
+    rm = Rockmate(model, x, 1.0, cache=False)
+    attention = [op for op, node in zip(rm.plan.lowered.graph.ops, rm.plan.lowered.op_nodes)
+                 if "scaled_dot_product" in str(node.target) and not op.is_backward]
+    assert attention and all(op.recomputable for op in attention)
+    low = Rockmate(model, x, solvers.min_feasible_peak(rm.plan.lowered.graph, rm.method), cache=False)
+    rng = torch.get_rng_state()
+    low(x).sum().backward()
+    reference(x).sum().backward()
+    assert torch.equal(torch.get_rng_state(), rng)
+    for p, rp in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p.grad, rp.grad)
