@@ -205,25 +205,32 @@ def lower_joint_graph(
     pinned = tuple(
         op.outputs[0] for op, node in zip(ops, op_nodes) if op.is_input and _numel(node) == 1
     )
-    differentiable = None if hold_outputs else _differentiable_outputs(joint, output_node, num_fwd_outputs)
+    kept = _held_outputs(joint, output_node, num_fwd_outputs, hold_outputs)
     held = tuple(
         value_of[o] for i, o in enumerate(outputs[:num_fwd_outputs])
-        if isinstance(o, fx.Node) and o in value_of and (differentiable is None or i in differentiable)
+        if isinstance(o, fx.Node) and o in value_of and (kept is None or i in kept)
     )
     required = tuple(dict.fromkeys((*held, *gradients, *pinned)))
     graph = Graph(tuple(ops), tuple(values), forward_outputs, required)
     return Lowered(graph, tuple(op_nodes), tuple(value_nodes), num_fwd_outputs)
 
 
-def _differentiable_outputs(joint: fx.GraphModule, output_node: fx.Node, num_fwd_outputs: int) -> set[int] | None:
-    """Positions of the forward outputs that have a tangent, from AOTAutograd's descriptors.
+def _held_outputs(
+    joint: fx.GraphModule, output_node: fx.Node, num_fwd_outputs: int, hold_outputs: bool
+) -> set[int] | None:
+    """Positions of the forward outputs live to the end, from AOTAutograd's descriptors.
 
-    None when the descriptors are missing (torch < 2.9, or a graph built by
-    hand): every forward output is then taken as held to the end.
+    Those with a tangent; with ``hold_outputs``, every output the user gets
+    too, but never the updated values of mutated inputs (BatchNorm's running
+    statistics), which AOTAutograd copies into the buffers and drops. None
+    when the descriptors are missing (torch < 2.9, or a graph built by hand):
+    every forward output is then taken as held to the end.
     """
     output_descs = output_node.meta.get("desc")
     if not isinstance(output_descs, (list, tuple)) or len(output_descs) < num_fwd_outputs:
         return None
+    if hold_outputs:
+        return {i for i in range(num_fwd_outputs) if "InputMutation" not in type(output_descs[i]).__name__}
     tangent_of = []
     for node in joint.graph.find_nodes(op="placeholder"):
         if is_tangent(node):

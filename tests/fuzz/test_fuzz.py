@@ -1,0 +1,57 @@
+"""The fuzzer's CI tier: a fixed set of seeds, one test each (about two minutes on a 2-core CPU).
+
+Each seed's random model (``tests/fuzz/grammar.py``) is planned at its
+no-remat, smallest feasible and middle budgets and must match eager autograd
+bitwise and the predicted peak exactly (``tests/fuzz/check.py``). Seeds that
+fail because of a known bug are ``xfail(strict=True)`` with the failure class
+they show today (the reason starts with it): the test fails if the seed
+passes (the bug is fixed: remove the mark) or fails with another class (a new
+bug). Changing the grammar re-draws every seed: pick the set again with
+``python benchmarks/fuzz.py --seeds N -v``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fuzz.check import check_seed
+
+# Fast seeds (1-8 s each) that pass today, chosen to cover the grammar: attention, routing-free
+# mixers, convolutions (1-d, 2-d, residual), norms, in-place ops, views, weight sharing and tied
+# heads, skips, side outputs, dropout, autocast bf16, and losses inside and outside the plan.
+PASSING = [7, 34, 37, 38, 41, 79, 92, 99, 108, 116, 126, 132, 136, 139, 146, 149, 168, 173, 178, 183]
+
+# Seeds that fail today because of a rematc bug: the reason starts with the failure class.
+KNOWN_BUGS: dict[int, str] = {
+    71: "over-budget: at the smallest budget +41536 B (16%) over: channels-last-strided activations "
+        "(LayerNorm over channels via permute), a shared 1x1 conv, then log_softmax(dim=1).movedim.reshape + nll",
+    118: "over-budget: at the no-remat budget +1280 B: tokens reshaped to a grid (a strided view), 1x1 conv, "
+         "log_softmax(dim=1).movedim(1, -1).reshape(-1, K) + nll: the reshape's copy is not predicted",
+    125: "over-budget: at the no-remat budget +8192 B: a depthwise strided 1x1 conv on a tokens-as-grid view "
+         "(channels-last-like strides)",
+    128: "peak-mismatch: at the no-remat budget predicted 98304 B above measured: non-contiguous tokens as a "
+         "grid, then BatchNorm2d(track_running_stats=False)",
+}
+
+
+class KnownFailure(Exception):
+    """The seed failed with the class its xfail names."""
+
+
+def _params() -> list:
+    params = [pytest.param(seed, id=f"seed{seed}") for seed in PASSING]
+    for seed, reason in KNOWN_BUGS.items():
+        params.append(pytest.param(seed, id=f"seed{seed}", marks=pytest.mark.xfail(strict=True, reason=reason, raises=KnownFailure)))
+    return sorted(params, key=lambda p: p.values[0])
+
+
+@pytest.mark.parametrize("seed", _params())
+def test_fuzz_seed_matches_eager_and_predicted_peak(seed: int, request: pytest.FixtureRequest) -> None:
+    result = check_seed(seed)
+    if result.passed:
+        return
+    marker = request.node.get_closest_marker("xfail")
+    expected = marker.kwargs["reason"].split(": ", 1)[0] if marker else None
+    if result.failure_class == expected:
+        raise KnownFailure(result.line())
+    pytest.fail(result.line(), pytrace=False)
