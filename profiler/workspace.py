@@ -10,7 +10,9 @@ the start minus the bytes of the outputs it returns. Results are cached per
 signature and device for the life of the process.
 
 Synthetic inputs: floating tensors are random normal, integer tensors zeros
-(valid indices for embedding, gather and friends), bool tensors random.
+(valid indices for embedding, gather and friends), bool tensors random. An op
+that needs more (a valid RNG state) registers a maker of its valid inputs with
+:func:`register_synthetic_inputs`.
 
 NOTE: [Real output storages] The same run records the storage bytes of each
 output the kernel allocates. Fake tensors promise what an op's meta function
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -37,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .meter import MemoryMeter
 from .tensors import storage_nbytes, storage_ref
 
-__all__ = ["OpMemory", "measure_op_memory", "op_signature"]
+__all__ = ["OpMemory", "measure_op", "measure_op_memory", "op_signature", "register_synthetic_inputs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,14 +51,29 @@ class OpMemory:
         output_bytes: storage bytes of each tensor output (in the order of
             ``node.meta["val"]``'s tensors), None where it aliases an input;
             None when the op was not run (views, failures).
+        output_layouts: (shape, stride, storage offset) of each tensor
+            output as the kernel returned it (see NOTE: [Runtime layouts] in
+            ``rematc/layouts.py``); None when the op was not run.
     """
 
     workspace_bytes: int
     output_bytes: tuple[int | None, ...] | None = None
+    output_layouts: tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...] | None = None
 
 
 _UNMEASURED = OpMemory(0, None)
 _CACHE: dict[tuple, OpMemory] = {}
+# op -> a function from the synthetic (args, kwargs) to valid ones; see register_synthetic_inputs.
+_INPUT_MAKERS: dict[Any, Callable[[tuple, dict], tuple[tuple, dict]]] = {}
+
+
+def register_synthetic_inputs(op: Any, make: Callable[[tuple, dict], tuple[tuple, dict]]) -> None:
+    """Measure ``op`` on ``make(args, kwargs)`` instead of the plain synthetic inputs.
+
+    For ops whose kernels reject random or zero inputs of the right shape and
+    dtype: a replayed dropout needs a valid RNG state (``rematc/rng.py``).
+    """
+    _INPUT_MAKERS[op] = make
 
 
 def op_signature(node: fx.Node, device: torch.device) -> tuple:
@@ -105,28 +122,28 @@ def measure_op_memory(gm: fx.GraphModule, device: str | torch.device = "cpu") ->
     The RNG state is saved and restored around the measurements, so random ops
     measured here do not change the model's random stream.
     """
+    return {node.name: measure_op(node, device) for node in gm.graph.nodes}
+
+
+def measure_op(node: fx.Node, device: str | torch.device = "cpu") -> OpMemory:
+    """What ``node``'s kernel allocates and returns, run once on synthetic inputs with its inputs' layouts.
+
+    Cached per :func:`op_signature` for the life of the process; views,
+    placeholders and ops that cannot run standalone give an unmeasured
+    ``OpMemory(0, None)``. The RNG state is restored.
+    """
     device = torch.device(device)
-    result: dict[str, OpMemory] = {}
-    # Called from inside AOTAutograd's partitioner, where a FakeTensorMode is
-    # active: leave it, or the "real" inputs would be fake and allocate nothing.
-    with _disable_current_modes():
-        rng = torch.get_rng_state()
-        try:
-            _measure_all(gm, device, result)
-        finally:
-            torch.set_rng_state(rng)
-    return result
-
-
-def _measure_all(gm: fx.GraphModule, device: torch.device, result: dict[str, OpMemory]) -> None:
-    for node in gm.graph.nodes:
-        if not _measurable(node):
-            result[node.name] = _UNMEASURED
-            continue
-        key = op_signature(node, device)
-        if key not in _CACHE:
-            _CACHE[key] = _measure_node(node, device)
-        result[node.name] = _CACHE[key]
+    if not _measurable(node):
+        return _UNMEASURED
+    key = op_signature(node, device)
+    if key not in _CACHE:
+        with _disable_current_modes():
+            rng = torch.get_rng_state()
+            try:
+                _CACHE[key] = _measure_node(node, device)
+            finally:
+                torch.set_rng_state(rng)
+    return _CACHE[key]
 
 
 def _measure_node(node: fx.Node, device: torch.device) -> OpMemory:
@@ -139,6 +156,8 @@ def _measure_node(node: fx.Node, device: torch.device) -> OpMemory:
     try:
         args = tree_map(real, node.args)
         kwargs = tree_map(real, node.kwargs)
+        if node.target in _INPUT_MAKERS:
+            args, kwargs = _INPUT_MAKERS[node.target](args, kwargs)
         inputs = {storage_ref(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         with torch.no_grad(), MemoryMeter(device) as meter:
             out = node.target(*args, **kwargs)
@@ -147,8 +166,9 @@ def _measure_node(node: fx.Node, device: torch.device) -> OpMemory:
                 None if storage_ref(t) in inputs else storage_nbytes(t) for t in _tensor_outputs(out)
             )
             fresh = {storage_ref(t): storage_nbytes(t) for t in _tensor_outputs(out) if storage_ref(t) not in inputs}
+            layouts = tuple((tuple(t.shape), tuple(t.stride()), int(t.storage_offset())) for t in _tensor_outputs(out))
             del out
-        return OpMemory(max(0, meter.peak_bytes - sum(fresh.values())), outputs)
+        return OpMemory(max(0, meter.peak_bytes - sum(fresh.values())), outputs, layouts)
     except Exception:  # an op we cannot run standalone: assume no workspace (analytic default)
         return _UNMEASURED
 

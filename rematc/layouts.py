@@ -4,26 +4,36 @@ NOTE: [Runtime layouts] AOTAutograd traces the joint graph with fake tensors
 and decides from their strides whether a ``reshape`` can be a view: where the
 fake input is viewable it emits ``aten.view`` (or ``_unsafe_view``), which
 fails at run time if the real input is not. The fake strides come from each
-op's meta kernel or decomposition, and a few of those describe another
-device's kernel. ``native_dropout_backward`` is one: its decomposition
-returns ``grad.suggest_memory_format()`` strides, as the CUDA kernel does,
-while the CPU kernel (``aten/src/ATen/native/Dropout.cpp``) is
-``grad * mask * scale``, whose TensorIterator output follows ``grad``'s own
-stride order. In a ConvNeXt block (dropout on a channels-last activation,
-then ``permute(0, 3, 1, 2)`` back) the gradient reaching the dropout is a
-permuted view: the fake says contiguous, the real tensor is not, and the
-``view`` that flattens it for the ``Linear`` backward's ``mm`` fails
-("view size is not compatible with input tensor's size and stride"), in
-``torch.compile(backend="aot_eager")`` as in rematc. The memory model reads
-the same fake tensors, so a wrong layout is also a wrong alias map.
+op's meta kernel or decomposition, and some of those describe another
+device's kernel, or no kernel at all:
 
-:func:`make_layouts_faithful` gives each op listed in
-:data:`RUNTIME_KERNELS` the layout its kernel really returns on the graph's
-device, re-derives the fake values downstream (fake-tensor propagation, so
-views alias the storage they view), and turns every ``view`` whose input can
-no longer be viewed into a view of a contiguous copy: what eager
-``reshape`` does in that case, so values and gradients stay bitwise equal.
-It also checks every other view against its input's fake strides.
+- ``native_dropout_backward``'s decomposition returns
+  ``grad.suggest_memory_format()`` strides, as the CUDA kernel does, while
+  the CPU kernel is ``grad * mask * scale``, whose TensorIterator output
+  follows ``grad``'s own stride order. In a ConvNeXt block the gradient
+  reaching the dropout is a permuted view: the fake says contiguous, the
+  real tensor is not, and the ``view`` that flattens it for the ``Linear``
+  backward's ``mm`` fails ("view size is not compatible with input
+  tensor's size and stride"), in ``torch.compile(backend="aot_eager")`` as
+  in rematc.
+- ``_log_softmax_backward_data`` on CPU returns a contiguous gradient where
+  the meta kernel keeps the permuted layout of ``log_softmax(dim=1)`` on a
+  token grid (fuzz seed 118): every later op then runs on other strides than
+  the ones it was measured on, and the plan measured 1280 bytes over its
+  no-remat budget.
+
+A list of such ops is never complete, so the layouts are measured, not
+listed: :func:`make_layouts_faithful` walks the graph in order and runs each
+op's real kernel once on synthetic inputs with the (already corrected)
+layouts of its inputs (``profiler.workspace.measure_op``, the same cached run
+that measures the op's workspace and output storage). Where the kernel
+returns other strides than the fake tensor says, the fake value takes the
+real layout, and the fake values downstream are re-derived (fake-tensor
+propagation, so views alias the storage they view; ops measured again on
+the new layouts). Every ``view`` whose input can no longer be viewed reads a
+contiguous copy instead: what eager ``reshape`` does in that case, so values
+and gradients stay bitwise equal. Profiling then measures each op on the
+layouts it will really see.
 """
 
 from __future__ import annotations
@@ -37,25 +47,13 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
 from profiler.tensors import same_storage
+from profiler.workspace import measure_op
 
 from .errors import CaptureError
 
 aten = torch.ops.aten
 
-__all__ = ["RUNTIME_KERNELS", "make_layouts_faithful"]
-
-
-def _native_dropout_backward_cpu(grad: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    # aten/src/ATen/native/Dropout.cpp: ``Tensor result = grad * mask * scale;``
-    return grad * mask * scale
-
-
-#: For ops whose fake (meta) kernel returns other strides than the real kernel
-#: on some device: op -> device type -> a function that, run on the fake
-#: inputs, returns what the real kernel returns (shape, dtype and strides).
-RUNTIME_KERNELS: dict[torch._ops.OpOverload, dict[str, Callable[..., Any]]] = {
-    aten.native_dropout_backward.default: {"cpu": _native_dropout_backward_cpu},
-}
+__all__ = ["make_layouts_faithful"]
 
 # Ops whose result depends on the input's strides (not only on its shape and
 # values): a view is only valid for some strides.
@@ -78,7 +76,6 @@ def make_layouts_faithful(gm: fx.GraphModule) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        kernel = _runtime_kernel(node)
         touched = any(a in changed for a in node.all_input_nodes)
         if node.target in _VIEWS and isinstance(node.args[0], fx.Node):
             source = node.args[0]
@@ -86,8 +83,6 @@ def make_layouts_faithful(gm: fx.GraphModule) -> int:
                 changed.add(_copy_before_view(graph, node, source))  # a new storage for the view
                 copies += 1
                 touched = True
-        if kernel is None and not touched:
-            continue
         if touched and node.target in _STORAGE_READERS:
             raise CaptureError(
                 f"rematc: %{node.name} ({node.target}) reads its input through explicit strides, and "
@@ -97,7 +92,11 @@ def make_layouts_faithful(gm: fx.GraphModule) -> int:
         if touched and isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
             continue  # its output aliases the argument it mutates, whose value did not change
         old = node.meta.get("val")
-        new = _fake_run(node, kernel or node.target)
+        new = _with_runtime_layouts(node, old)
+        if new is None:
+            if not touched:
+                continue
+            new = _fake_run(node, node.target)
         if _needs_update(node, old, new, changed):
             node.meta["val"] = new
             changed.add(node)
@@ -107,12 +106,35 @@ def make_layouts_faithful(gm: fx.GraphModule) -> int:
     return copies
 
 
-def _runtime_kernel(node: fx.Node) -> Callable[..., Any] | None:
-    kernels = RUNTIME_KERNELS.get(node.target)  # type: ignore[arg-type]
-    val = node.meta.get("val")
-    if kernels is None or not isinstance(val, torch.Tensor):
+def _with_runtime_layouts(node: fx.Node, old: Any) -> Any:
+    """``old`` with the strides ``node``'s real kernel returns, or None when they agree (or are unknown)."""
+    olds = _tensors(old)
+    if not olds:
         return None
-    return kernels.get(val.device.type)
+    measured = measure_op(node, olds[0].device).output_layouts
+    if measured is None or len(measured) != len(olds):
+        return None
+    replaced: list[torch.Tensor] = []
+    for fake, (shape, stride, offset) in zip(olds, measured):
+        if tuple(fake.shape) != shape:
+            return None  # not the same output: trust the trace
+        same = tuple(fake.stride()) == stride and fake.storage_offset() == offset
+        replaced.append(fake if same else _fake_like(fake, stride, offset))
+    if all(a is b for a, b in zip(olds, replaced)):
+        return None
+    if isinstance(old, torch.Tensor):
+        return replaced[0]
+    it = iter(replaced)
+    return tree_map(lambda v: next(it) if isinstance(v, torch.Tensor) else v, old)
+
+
+def _fake_like(fake: torch.Tensor, stride: tuple[int, ...], offset: int) -> torch.Tensor:
+    """A fresh fake tensor of ``fake``'s shape and dtype with the given strides and storage offset."""
+    mode = maybe_get_fake_mode(fake)
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(fake.shape, stride)) if fake.numel() else 0
+    with mode if mode is not None else _disable_current_modes():
+        base = torch.empty(offset + span, dtype=fake.dtype, device=fake.device)
+        return base.as_strided(tuple(fake.shape), stride, offset)
 
 
 def _viewable(val: Any, shape: Any) -> bool:

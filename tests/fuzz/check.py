@@ -239,21 +239,37 @@ class _WithLoss(torch.nn.Module):
         return output if self.loss_fn is None else self.loss_fn(output, *loss_args)
 
 
-def _aot_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+def _aot_backend(faithful_layouts: bool) -> Callable[..., Any]:
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import default_partition
 
+    from rematc.layouts import make_layouts_faithful
+
     def boxed(g: torch.fx.GraphModule, _: Any) -> Callable[..., Any]:
         return make_boxed_func(g.forward)
 
-    return aot_module_simplified(gm, example_inputs, fw_compiler=boxed, bw_compiler=boxed, partition_fn=default_partition)
+    def partition(joint: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        if faithful_layouts:
+            make_layouts_faithful(joint)
+        return default_partition(joint, *args, **kwargs)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        return aot_module_simplified(gm, example_inputs, fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition)
+
+    return backend
 
 
-def aot_step(built: Built, original: torch.nn.Module) -> tuple[torch.nn.Module, StepResult]:
-    """The same step through TorchDynamo + AOTAutograd with PyTorch's default partition (no rematc)."""
+def aot_step(built: Built, original: torch.nn.Module, faithful_layouts: bool = True) -> tuple[torch.nn.Module, StepResult]:
+    """The same step through TorchDynamo + AOTAutograd with PyTorch's default partition (no rematc).
+
+    ``faithful_layouts``: apply rematc's layouts pass (NOTE: [Runtime
+    layouts]) to the joint graph first. It changes no value, and without it
+    AOTAutograd crashes on some graphs that rematc runs; the numerics
+    reference uses it, the crash diagnosis does not.
+    """
     model = copy.deepcopy(original)
-    compiled = torch.compile(_WithLoss(model, built.loss_fn), backend=_aot_backend, fullgraph=True)
+    compiled = torch.compile(_WithLoss(model, built.loss_fn), backend=_aot_backend(faithful_layouts), fullgraph=True)
     return model, run_step(built, compiled, planned=True)
 
 
@@ -273,7 +289,7 @@ def _diagnose_crash(built: Built, original: torch.nn.Module, error: BaseExceptio
     """``aot-crash:<Type>`` when AOTAutograd without rematc fails with the same exception type."""
     cause = error.__cause__ if isinstance(error, rematc.CaptureError) and error.__cause__ is not None else error
     try:
-        aot_step(built, original)
+        aot_step(built, original, faithful_layouts=False)
     except Exception as aot_error:
         inner = getattr(aot_error, "inner_exception", None) or aot_error  # Dynamo's BackendCompilerFailed
         if type(inner) is type(cause):

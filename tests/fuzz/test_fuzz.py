@@ -19,18 +19,16 @@ from tests.fuzz.check import check_seed
 # Fast seeds (1-8 s each) that pass today, chosen to cover the grammar: attention, routing-free
 # mixers, convolutions (1-d, 2-d, residual), norms, in-place ops, views, weight sharing and tied
 # heads, skips, side outputs, dropout, autocast bf16, and losses inside and outside the plan.
-PASSING = [7, 34, 37, 38, 41, 79, 92, 99, 108, 116, 126, 132, 136, 139, 146, 149, 168, 173, 178, 183]
+PASSING = [7, 34, 37, 38, 41, 79, 92, 99, 108, 116, 126, 132, 136, 139, 146, 149, 168, 173, 178, 183,
+           # Were over budget or mispredicted: kernels returning other strides than their meta kernels
+           # (NOTE: [Runtime layouts]).
+           71, 118, 125, 128]
 
 # Seeds that fail today because of a rematc bug: the reason starts with the failure class.
 KNOWN_BUGS: dict[int, str] = {
-    71: "over-budget: at the smallest budget +41536 B (16%) over: channels-last-strided activations "
-        "(LayerNorm over channels via permute), a shared 1x1 conv, then log_softmax(dim=1).movedim.reshape + nll",
-    118: "over-budget: at the no-remat budget +1280 B: tokens reshaped to a grid (a strided view), 1x1 conv, "
-         "log_softmax(dim=1).movedim(1, -1).reshape(-1, K) + nll: the reshape's copy is not predicted",
-    125: "over-budget: at the no-remat budget +8192 B: a depthwise strided 1x1 conv on a tokens-as-grid view "
-         "(channels-last-like strides)",
-    128: "peak-mismatch: at the no-remat budget predicted 98304 B above measured: non-contiguous tokens as a "
-         "grid, then BatchNorm2d(track_running_stats=False)",
+    80: "peak-mismatch: at the middle budget 128 B over-predicted (safe): a BatchNorm recomputed in the "
+        "backward runs the stats-free kernel (NOTE: [BatchNorm recompute]), but the graph's op still "
+        "allocates the two updated running statistics",
 }
 
 
