@@ -46,11 +46,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":
-    # Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/solvers.py
-    # would shadow the solvers package; use the repository root instead.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

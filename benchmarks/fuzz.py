@@ -21,11 +21,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":
-    # Run as a script, Python puts benchmarks/ first on sys.path, where a
-    # module named solvers.py would shadow the solvers package; use the root.
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

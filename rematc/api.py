@@ -29,6 +29,7 @@ from .explain import Explanation, explain_plan
 from .lower import Lowered, lower_joint_graph
 from .layouts import make_layouts_faithful
 from .passes import make_dropout_outputs_recomputable
+from .rng import make_dropout_replayable
 from .graph_hash import graph_hash
 from .schedule_cache import PlanKey, ScheduleSource, budget_key, make_schedule_file
 from .schedule_file import ScheduleFile, write_schedule_file
@@ -288,6 +289,7 @@ class Rockmate(torch.nn.Module):
         started = time.perf_counter()
         make_layouts_faithful(joint)  # before the dropout rewrite: it copies dropout_backward's layout
         make_dropout_outputs_recomputable(joint)
+        make_dropout_replayable(joint)
         key = self._plan_key(graph_hash(joint, num_fwd_outputs, hold_outputs=self.hold_outputs))
         reused = None
         if self._margin_bytes == 0:  # a plan planned again after verification is never the cached one

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
 
+from .eager_kernels import eager_kernels
 from .errors import CaptureError, GraphBreakError
 from .outputs import DroppedOutputs, detach_all_but_loss, has_loss, mark_no_gradient_planned
 
@@ -109,13 +110,14 @@ class CompiledStep:
             return self._plan_joint(joint, num_fwd_outputs, example_inputs)
 
         try:
-            return aot_module_simplified(
-                gm,
-                example_inputs,
-                fw_compiler=self._boxed_forward,
-                bw_compiler=self._boxed_backward,
-                partition_fn=partition,
-            )
+            with eager_kernels():  # NOTE: [Eager kernels while tracing]
+                return aot_module_simplified(
+                    gm,
+                    example_inputs,
+                    fw_compiler=self._boxed_forward,
+                    bw_compiler=self._boxed_backward,
+                    partition_fn=partition,
+                )
         except Exception as error:
             if isinstance(error, (CaptureError, ValueError)):
                 raise

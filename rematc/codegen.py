@@ -30,8 +30,9 @@ try:  # output descriptors (torch >= 2.9); without them the output carries no "d
 except ImportError:  # pragma: no cover
     SavedForBackwardsAOTOutput = None  # type: ignore[assignment, misc]
 
-from solvers import Schedule
+from solvers import PlannerError, Schedule
 
+from .rng import DRAW_OP, REPLAY_OP, first_draw_is_adjacent
 from .lower import Lowered, is_tangent
 
 
@@ -59,6 +60,38 @@ def _recompute_batch_norm(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.
     )
     new.meta = dict(node.meta)
     new.meta["val"] = node.meta["val"][:3]
+    return new
+
+
+def _first_draws(order: list[fx.Node], phase: str) -> list[int]:
+    """Positions in ``order`` of the first computation of each replayed dropout (NOTE: [Replayed dropout]).
+
+    Raises:
+        PlannerError: the first computation is not in the forward right after
+            its state with nothing drawing from the RNG between (a schedule
+            the draw would give another mask than eager's).
+    """
+    seen: set[fx.Node] = set()
+    positions = []
+    for position, node in enumerate(order):
+        if node.target is not REPLAY_OP or node in seen:
+            continue
+        seen.add(node)
+        if phase == "forward" and first_draw_is_adjacent(order, position):
+            positions.append(position)
+        elif phase == "forward":
+            raise PlannerError(
+                f"the schedule draws dropout mask %{node.name} after another random op ran since its "
+                "RNG state was saved (NOTE: [Replayed dropout]): it would not be eager's mask"
+            )
+    return positions
+
+
+def _first_draw(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
+    """``draw_dropout(input, p)`` for ``replay_dropout(state, input, p)``: the same mask, from the global RNG."""
+    _state, x, p = node.args
+    new = graph.call_function(DRAW_OP, (env[x], p))
+    new.meta = dict(node.meta)
     return new
 
 
@@ -105,6 +138,11 @@ def _running_stat_values(lowered: Lowered, op_index: int) -> set[int]:
 
 def generate_modules(joint: fx.GraphModule, lowered: Lowered, schedule: Schedule) -> GeneratedModules:
     """Build the forward/backward GraphModules for ``schedule`` (AOTAutograd conventions)."""
+    forward_ops = set(schedule.computes("forward"))
+    for index, node in enumerate(lowered.op_nodes):
+        if node.target is REPLAY_OP and index not in forward_ops:
+            # Its first draw must advance the RNG where eager's dropout does (NOTE: [Replayed dropout]).
+            raise PlannerError(f"the schedule first draws dropout mask %{node.name} in the backward")
     saved = saved_value_nodes(lowered, schedule)
     requested = {n.name for n in saved}
     # AOTAutograd's own extraction fixes the calling convention (the order of
@@ -186,7 +224,9 @@ def _rebuild(
         for arg in lowered.op_nodes[index].all_input_nodes:
             if arg.op == "get_attr" and arg not in env:
                 env[arg] = graph.node_copy(arg)
-    for index in op_order:
+    order = [lowered.op_nodes[index] for index in op_order]
+    drawn = set(_first_draws(order, phase))
+    for position, index in enumerate(op_order):
         node = lowered.op_nodes[index]
         if node.op == "placeholder":
             assert node in env, f"{phase}: input {node.name} is not a placeholder of the template"
@@ -194,6 +234,8 @@ def _rebuild(
         try:
             if phase == "backward" and node.target is _BATCH_NORM_FUNCTIONAL:
                 new = _recompute_batch_norm(graph, node, env)
+            elif position in drawn:
+                new = _first_draw(graph, node, env)
             else:
                 new = graph.node_copy(node, lambda a: env[a])
         except KeyError as missing:

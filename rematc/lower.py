@@ -25,6 +25,8 @@ from profiler.analytic import NodeCost
 from profiler.tensors import same_storage, storage_nbytes
 from solvers import Graph, Op, Value
 
+from .rng import REPLAY_OP
+
 
 @dataclass(frozen=True)
 class Lowered:
@@ -52,10 +54,13 @@ def is_recomputable(node: fx.Node) -> bool:
     """Whether running ``node`` again is safe and gives the same values.
 
     Random ops (tag ``nondeterministic_seeded``: dropout, rand*, SDPA with
-    dropout), ops that mutate or have side effects, and anything that is not a
+    dropout) run once, except a dropout replayed from its saved RNG state
+    (NOTE: [Replayed dropout]); ops that mutate or have side effects, and anything that is not a
     plain aten OpOverload (higher-order and custom ops we cannot vet) run once.
     """
     target = node.target
+    if target is REPLAY_OP:  # a pure function of the saved RNG state (NOTE: [Replayed dropout])
+        return True
     if not isinstance(target, torch._ops.OpOverload):
         return False
     if torch.Tag.nondeterministic_seeded in target.tags and not _attention_without_dropout(node):

@@ -10,7 +10,9 @@ mask (1 byte an element) and the output is two recomputable multiplies. The
 planner can then keep the small mask and recompute the output, instead of
 being forced to keep the 4-byte-an-element output (for attention
 probabilities, B*H*T*T floats a layer). Outputs stay bitwise equal on CPU; the
-end-to-end tests check it on every model with dropout.
+end-to-end tests check it on every model with dropout. On CPU the mask itself
+then becomes recomputable too, replayed from a saved RNG state (NOTE:
+[Replayed dropout] in rematc/rng.py).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Usage::
 
-    python benchmarks/solvers.py                      # Checkmate graphs + synthetic transformers
-    python benchmarks/solvers.py --quick              # 20 s MILP limit, 12 layers only
-    python benchmarks/solvers.py --transformers-only  # just the planning-time table
+    python benchmarks/planners.py                      # Checkmate graphs + synthetic transformers
+    python benchmarks/planners.py --quick              # 20 s MILP limit, 12 layers only
+    python benchmarks/planners.py --transformers-only  # just the planning-time table
 
 For Checkmate's published graphs (VGG16, MobileNet, ResNet50; skipped when the
 shared data folder is absent) at 90/80/70/60/50% of the no-remat peak it
