@@ -231,12 +231,10 @@ def solve_ilp(
                 best = ("ilp", sim, schedule)
             break
     bound = max(lp_bound, mip_bound)
-    if best is None:
+    if best is None:  # the time limit struck, or the budget is below the minimum
         minimum = ilp_min_feasible_peak(graph, settings)
-        if minimum <= budget_bytes:  # the time limit struck; the smallest-peak schedule fits
-            schedule = _min_peak_cache(graph, settings)["schedule"]
-            best = ("ilp_min_peak", simulate(graph, schedule), schedule)
-        else:
+        best = _fitting_minimum(graph, settings, budget_bytes, kept_budget_bytes) if minimum <= budget_bytes else None
+        if best is None:
             raise BudgetInfeasible(budget_bytes, minimum, method="ilp")
     source, sim, schedule = best
     optimal = status == "optimal" or (status == "infeasible" and cutoff is not None)
@@ -245,6 +243,32 @@ def solve_ilp(
         bound = min(bound, sim.time_ms) if optimal else bound
     return IlpResult(schedule, sim.time_ms, sim.peak_bytes, sim.live_after_forward_bytes,
                      min(bound, sim.time_ms), optimal, time.perf_counter() - began, source, predicted)
+
+
+def _fitting_minimum(graph: Graph, settings: MilpSettings, budget_bytes: int,
+                     kept_budget_bytes: int | None) -> tuple[str, SimulationResult, Schedule] | None:
+    """A schedule reaching the smallest peak that fits both budgets, or None.
+
+    :func:`ilp_min_feasible_peak` is the lower of the MILP's smallest peak and
+    greedy's: the MILP's schedule may be missing (it found none) or above the
+    budget (greedy's minimum was lower), so each is simulated and checked
+    against both budgets before it is returned (greedy even with
+    ``use_greedy=False``: here it is the schedule the minimum promised).
+    """
+    makers = [("ilp_min_peak", lambda: _min_peak_cache(graph, settings).get("schedule")),
+              ("greedy", lambda: greedy_schedule(graph, budget_bytes))]
+    for source, make in makers:
+        try:
+            schedule = make()
+        except BudgetInfeasible:
+            continue
+        if schedule is None:
+            continue
+        sim = simulate(graph, schedule)
+        if sim.peak_bytes <= budget_bytes and (kept_budget_bytes is None
+                                               or sim.live_after_forward_bytes <= kept_budget_bytes):
+            return source, sim, schedule
+    return None
 
 
 def _known_schedules(graph: Graph, budget_bytes: int, kept_budget_bytes: int | None,

@@ -9,7 +9,7 @@ import pytest
 
 from solvers import BudgetInfeasible, Graph, check, simulate
 from solvers.greedy import greedy_schedule, min_feasible_peak_greedy, no_remat_schedule
-from solvers.ilp import RematIlp, ilp_min_feasible_peak, solve_ilp
+from solvers.ilp import RematIlp, _min_peak_cache, ilp_min_feasible_peak, solve_ilp
 from solvers.ilp_model import accounting_peak_bytes, stage_layout
 from solvers.milp import MilpSettings
 from tests.solvers.graphs import GraphBuilder, chain_graph, mlp_chain_graph, random_training_graph
@@ -234,3 +234,32 @@ def test_held_view_pins_its_forward_storage() -> None:
     c = RematIlp(graph, FAST).contraction
     assert (2,) in c.members  # the held view stays an op of its own
     assert _assert_accounting_down_to_infeasible(graph) >= 2
+
+
+def _milp_finds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As when the time limit strikes before any schedule is found."""
+    monkeypatch.setattr(RematIlp, "solve_stages", lambda self, *args, **kwargs: (None, "time_limit", 0.0))
+
+
+def test_time_limit_fallback_never_returns_a_schedule_over_either_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fallback returned the MILP's smallest-peak schedule whenever the minimum (greedy's, when
+    # lower) fit: over the budget when greedy's was lower, KeyError when the MILP found none, and
+    # blind to the kept budget.
+    graph = mlp_chain_graph(6)
+    no_remat = simulate(graph, no_remat_schedule(graph)).peak_bytes
+    minimum = min_feasible_peak_greedy(graph)
+    assert minimum < no_remat
+    _milp_finds_nothing(monkeypatch)
+    settings = MilpSettings()
+    over = no_remat_schedule(graph)
+    for cached in ({"peak": minimum, "proved": False},  # no MILP schedule: was KeyError
+                   {"peak": minimum, "proved": False, "schedule": over}):  # one over the budget
+        cache = _min_peak_cache(graph, settings)
+        cache.clear()
+        cache.update(cached)
+        for use_greedy in (True, False):
+            result = solve_ilp(graph, minimum, settings=settings, use_greedy=use_greedy)
+            assert result.peak_bytes <= minimum
+            assert simulate(graph, result.schedule).peak_bytes <= minimum
+        with pytest.raises(BudgetInfeasible):  # nothing meets a kept budget of 0 bytes
+            solve_ilp(graph, minimum, settings=settings, kept_budget_bytes=0, use_greedy=False)
