@@ -131,13 +131,11 @@ def make_dropout_replayable(gm: fx.GraphModule) -> int:
             state = graph.call_function(RNG_STATE_OP, (x,))
             replay = graph.call_function(REPLAY_OP, (state, x, p))
         meta = {k: v for k, v in node.meta.items() if k != "val"}
-        state.meta = {**meta, "val": _fake_state(val[0])}
-        for mask in getitems:  # the same mask, layout included: the getitems' fake value
+        state.meta = {**meta, "val": _fake_run(RNG_STATE_OP, x.meta["val"])}
+        replay.meta = {**meta, "val": val[1]}  # the dropout's own mask, layout included
+        for mask in getitems:
             mask.replace_all_uses_with(replay)
-            replay.meta = {**meta, "val": mask.meta["val"]}
             graph.erase_node(mask)
-        if not getitems:
-            replay.meta = {**meta, "val": val[1]}
         graph.erase_node(node)
         changed += 1
     if changed:
@@ -146,17 +144,16 @@ def make_dropout_replayable(gm: fx.GraphModule) -> int:
     return changed
 
 
-def _fake_state(like: torch.Tensor) -> torch.Tensor:
-    mode = maybe_get_fake_mode(like)
+def _fake_run(op: torch._ops.OpOverload, *args: torch.Tensor) -> torch.Tensor:
+    """``op``'s registered fake kernel on fake ``args``, under their fake mode."""
+    mode = maybe_get_fake_mode(args[0])
     with mode if mode is not None else _disable_current_modes():
-        return torch.empty(_STATE_NUMEL, dtype=torch.uint8, device="cpu")
+        return op(*args)
 
 
 def consumes_rng(node: fx.Node) -> bool:
     """Whether running ``node`` draws from the global RNG (a random op not replayed from a state)."""
-    target = node.target
-    if target is REPLAY_OP or target is RNG_STATE_OP:
-        return False
+    target = node.target  # rematc's own ops carry no random tag: a replay draws nothing
     return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
